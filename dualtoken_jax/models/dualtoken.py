@@ -1,0 +1,164 @@
+"""The DualToken tokenizer: one SigLIP tower, two residual-quantised vocabularies.
+
+Forward (1-based blocks; spec A.3):
+  h0 = embed(x); run blocks 1..L_sem, tapping
+    s = prequant_shortcut(h[L_shortcut]),  p = prequant_pix(h[L_recon]);
+  pixel:    p + w·s -> quantizer_pix -> codes_pix, zq_pix;
+  semantic: prequant_sem(h[L_sem]) -> quantizer_sem -> codes_sem -> postquant_sem = zq_sem,
+            which *replaces* the hidden state: blocks L_sem+1..L, post-LN and MAP head run on it;
+  decode:   postquant_pix(zq_pix) -> grid -> bilinear resize -> post_quant_conv -> decoder.
+Taps are block-range boundaries, so no layer's activation is kept beyond its use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dualtoken_jax import model_config
+from dualtoken_jax.models.attn_projection import AttnProjection
+from dualtoken_jax.models.pixel_decoder import Decoder, PostQuantResnetBlock, resize_latent
+from dualtoken_jax.models.text import TextTower
+from dualtoken_jax.models.vit import VisionTower
+from dualtoken_jax.quantization.quantizer import ResidualQuantizer
+
+
+def _quantizer(q) -> ResidualQuantizer:
+  return ResidualQuantizer(
+      codebook_size=q.codebook_size, embed_dim=q.embed_dim, depth=q.depth, decay=q.decay,
+      eps=q.eps, restart_unused_codes=q.restart_unused_codes, ema_update=q.ema_update,
+      reference_aliasing_bug=q.reference_aliasing_bug, distance_chunk=q.distance_chunk)
+
+
+class DualToken(nn.Module):
+  config: ml_collections.FrozenConfigDict
+
+  def setup(self):
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    remat = model_config.REMAT_POLICIES[c.remat_policy]
+    v = c.vision
+    self.img = VisionTower(
+        patch_size=v.patch_size, grid=model_config.grid_size(c), width=v.width, depth=v.depth,
+        mlp_dim=v.mlp_dim, num_heads=v.num_heads, layer_norm_eps=v.layer_norm_eps,
+        scan=c.scan_layers, remat_policy=remat, dtype=dtype)
+    if c.text is not None:
+      t = c.text
+      self.txt = TextTower(
+          vocab_size=t.vocab_size, max_len=t.max_len, width=t.width, depth=t.depth,
+          mlp_dim=t.mlp_dim, num_heads=t.num_heads, out_dim=t.out_dim,
+          layer_norm_eps=t.layer_norm_eps, scan=c.scan_layers, remat_policy=remat, dtype=dtype)
+    # SigLIP's log-temperature and bias (big_vision names); only zero-shot scoring reads them.
+    self.t = self.param("t", nn.initializers.constant(jnp.log(10.0)), (1,), jnp.float32)
+    self.b = self.param("b", nn.initializers.constant(-10.0), (1,), jnp.float32)
+
+    pix, sem = c.vq_pix, c.vq_sem
+    heads = lambda q: model_config.projection_heads(c, q.embed_dim)
+    self.prequant_pix = AttnProjection(pix.embed_dim, heads(pix), dtype=dtype)
+    if c.layer_shortcut is not None:
+      self.prequant_shortcut = AttnProjection(pix.embed_dim, heads(pix), dtype=dtype)
+    self.prequant_sem = AttnProjection(sem.embed_dim, heads(sem), dtype=dtype)
+    self.postquant_pix = AttnProjection(v.width, heads(pix), causal=True, dtype=dtype)
+    self.postquant_sem = AttnProjection(v.width, heads(sem), causal=True, dtype=dtype)
+    self.quantizer_pix = _quantizer(pix)
+    self.quantizer_sem = _quantizer(sem)
+    d = c.decoder
+    self.post_quant_conv = PostQuantResnetBlock(d.in_channels, dropout=d.dropout, dtype=dtype)
+    self.decoder = Decoder(ch=d.ch, ch_mult=d.ch_mult, num_res_blocks=d.num_res_blocks,
+                           attn_resolutions=d.attn_resolutions, out_ch=d.out_ch,
+                           dropout=d.dropout, dtype=dtype)
+
+  # ---------------------------------------------------------------- encode
+  def encode(self, images, train: bool = False, collect_hidden: bool = False) -> dict[str, Any]:
+    """Images (B,H,W,3) in [-1,1] -> codes, quantised features, pooled embedding, losses."""
+    c = self.config
+    h = self.img.embed(images)
+    hidden = [h[None]]
+    taps = {}
+    start = 0
+    for stop in sorted({c.layer_recon, c.layer_sem} | ({c.layer_shortcut} - {None})):
+      h = self._blocks(h, start, stop, collect_hidden, hidden)
+      if stop == c.layer_shortcut:
+        taps["shortcut"] = self.prequant_shortcut(h)
+      if stop == c.layer_recon:
+        taps["recon"] = self.prequant_pix(h)
+      start = stop
+
+    b, n, _ = h.shape
+    g = model_config.grid_size(c)
+    p = taps["recon"]
+    if c.layer_shortcut is not None:
+      p = p + c.weight_shortcut * taps["shortcut"]
+    pix = self.quantizer_pix(p.reshape(b, g, g, -1), train)
+    sem = self.quantizer_sem(self.prequant_sem(h).reshape(b, g, g, -1), train)
+    zq_sem = self.postquant_sem(sem.quantized.reshape(b, n, -1))
+
+    h = self._blocks(zq_sem, c.layer_sem, c.vision.depth, collect_hidden, hidden)
+    pooled = self.img.pool(h)
+    out = dict(
+        codes_pix=pix.codes, codes_sem=sem.codes,
+        zq_pix=pix.quantized.reshape(b, n, -1), zq_sem=zq_sem,
+        pooled=pooled, image_embeds=l2_normalize(pooled),
+        quant_loss_pix=pix.loss, quant_loss_sem=sem.loss)
+    if collect_hidden:
+      out["hidden_states"] = jnp.concatenate(hidden, axis=0)
+    return out
+
+  def _blocks(self, h, start, stop, collect, hidden):
+    if not collect:
+      return self.img.encoder(h, start, stop)
+    h, states = self.img.encoder(h, start, stop, collect=True)
+    hidden.append(states)
+    return h
+
+  # ---------------------------------------------------------------- decode
+  def decode(self, zq_pix, train: bool = False):
+    """Quantised pixel vectors (B, N, d) -> images (B, H, W, 3)."""
+    c = self.config
+    b, n, _ = zq_pix.shape
+    g = model_config.grid_size(c)
+    u = self.postquant_pix(zq_pix).reshape(b, g, g, -1)
+    if c.decoder_latent_shape is not None:
+      u = resize_latent(u, c.decoder_latent_shape)
+    return self.decoder(self.post_quant_conv(u, train), train).astype(jnp.float32)
+
+  def decode_codes(self, codes_pix):
+    """Pixel codes (B, h, w, D) -> images: sum the code embeddings over depth, then decode."""
+    b = codes_pix.shape[0]
+    z = self.quantizer_pix.embed(codes_pix).sum(axis=-2)
+    return self.decode(z.reshape(b, -1, z.shape[-1]))
+
+  def code_embeddings(self, codes_pix, codes_sem):
+    """Sums over depth of the code embeddings: (B,h,w,d_pix), (B,h,w,d_sem)."""
+    return (self.quantizer_pix.embed(codes_pix).sum(axis=-2),
+            self.quantizer_sem.embed(codes_sem).sum(axis=-2))
+
+  def semantic_from_codes(self, codes_sem):
+    """Semantic codes -> post-quant semantic features (B, h*w, width)."""
+    b = codes_sem.shape[0]
+    z = self.quantizer_sem.embed(codes_sem).sum(axis=-2)
+    return self.postquant_sem(z.reshape(b, -1, z.shape[-1]))
+
+  # ---------------------------------------------------------------- other towers
+  def teacher(self, images, collect_hidden: bool = False):
+    """Plain SigLIP on the same weights (the frozen teacher when applied to its own params)."""
+    return self.img(images, collect=collect_hidden)
+
+  def encode_text(self, tokens):
+    if self.config.text is None:
+      raise ValueError("this tokenizer config has no text tower (config.text is None)")
+    return l2_normalize(self.txt(tokens))
+
+  def __call__(self, images, train: bool = False, collect_hidden: bool = False):
+    out = self.encode(images, train, collect_hidden)
+    out["recon"] = self.decode(out["zq_pix"], train)
+    return out
+
+
+def l2_normalize(x, eps=1e-12):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)

@@ -1,0 +1,138 @@
+"""The pixel decoder: `PostQuantResnetBlock` and a taming/VQGAN-style CNN `Decoder` (NHWC).
+
+Submodule names follow taming (`conv_in`, `mid/{block_1,attn_1,block_2}`,
+`up_{i}/{block_{j},attn_{j},upsample/conv}`, `norm_out`, `conv_out`), so reference weights map
+by name. GroupNorm has 32 groups and eps 1e-6; convolutions pad like PyTorch (explicit, symmetric);
+the output is linear (no tanh), nominally in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def conv(features: int, kernel: int, dtype: Dtype, name: str) -> nn.Conv:
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), dtype=dtype, name=name)
+
+
+def group_norm(dtype: Dtype, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
+
+
+class ResnetBlock(nn.Module):
+  """GN -> SiLU -> conv3x3 -> GN -> SiLU -> dropout -> conv3x3, plus a 1x1 shortcut if widths differ."""
+  out_channels: int
+  dropout: float = 0.0
+  first_kernel: int = 3  # PostQuantResnetBlock uses a 1x1 first conv
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.silu(group_norm(self.dtype, "norm1")(x))
+    h = conv(self.out_channels, self.first_kernel, self.dtype, "conv1")(h)
+    h = nn.silu(group_norm(self.dtype, "norm2")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = conv(self.out_channels, 3, self.dtype, "conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, 1, self.dtype, "nin_shortcut")(x)
+    return x + h
+
+
+PostQuantResnetBlock = functools.partial(ResnetBlock, first_kernel=1)
+
+
+class AttnBlock(nn.Module):
+  """Single-head spatial self-attention over H*W with 1x1-conv q/k/v/proj_out, residual."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, hh, ww, c = x.shape
+    h = group_norm(self.dtype, "norm")(x)
+    q, k, v = (conv(c, 1, self.dtype, n)(h).reshape(b, hh * ww, c) for n in ("q", "k", "v"))
+    w = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
+    w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
+    h = jnp.einsum("bqk,bkc->bqc", w, v).reshape(b, hh, ww, c)
+    return x + conv(c, 1, self.dtype, "proj_out")(h)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2, then conv3x3."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return conv(x.shape[-1], 3, self.dtype, "conv")(x)
+
+
+class MidBlock(nn.Module):
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    c = x.shape[-1]
+    x = ResnetBlock(c, self.dropout, dtype=self.dtype, name="block_1")(x, train)
+    x = AttnBlock(self.dtype, name="attn_1")(x)
+    return ResnetBlock(c, self.dropout, dtype=self.dtype, name="block_2")(x, train)
+
+
+class UpLevel(nn.Module):
+  """One resolution level: num_res_blocks+1 ResnetBlocks (each followed by attention if
+  `attention`), then Upsample unless it is the last (finest) level."""
+  out_channels: int
+  num_blocks: int
+  attention: bool
+  upsample: bool
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    for j in range(self.num_blocks):
+      x = ResnetBlock(self.out_channels, self.dropout, dtype=self.dtype, name=f"block_{j}")(x, train)
+      if self.attention:
+        x = AttnBlock(self.dtype, name=f"attn_{j}")(x)
+    if self.upsample:
+      x = Upsample(self.dtype, name="upsample")(x)
+    return x
+
+
+class Decoder(nn.Module):
+  """(B, r, r, in_channels) latent -> (B, r*2**(L-1), ..., out_ch) image, L = len(ch_mult)."""
+  ch: int
+  ch_mult: Sequence[int]
+  num_res_blocks: int
+  attn_resolutions: Sequence[int]
+  out_ch: int = 3
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, train: bool = False):
+    levels = len(self.ch_mult)
+    res = z.shape[1]
+    h = conv(self.ch * self.ch_mult[-1], 3, self.dtype, "conv_in")(z.astype(self.dtype))
+    h = MidBlock(self.dtype, self.dropout, name="mid")(h, train)
+    for i in reversed(range(levels)):  # coarse to fine; `up_{i}` keeps taming's level index
+      h = UpLevel(self.ch * self.ch_mult[i], self.num_res_blocks + 1,
+                  attention=res in self.attn_resolutions, upsample=i != 0, dropout=self.dropout,
+                  dtype=self.dtype, name=f"up_{i}")(h, train)
+      res = res * 2 if i != 0 else res
+    h = nn.silu(group_norm(self.dtype, "norm_out")(h))
+    return conv(self.out_ch, 3, self.dtype, "conv_out")(h)
+
+
+def resize_latent(x, shape):
+  """Half-pixel bilinear resize without antialiasing (= torch interpolate, align_corners=False)."""
+  b, _, _, c = x.shape
+  return jax.image.resize(x, (b, shape[0], shape[1], c), "bilinear", antialias=False)
