@@ -21,7 +21,6 @@ import numpy as np
 from dualtoken_jax import model_config
 from dualtoken_jax.bridges import rules as R
 from dualtoken_jax.bridges import siglip
-from dualtoken_jax.bridges.tensor_files import CheckpointError
 
 _BOTTLENECKS = {"rq": "per_level", "rq_ema": "pooled"}
 _PROJECTIONS = ("prequant_pix", "prequant_shortcut", "prequant_sem", "postquant_pix", "postquant_sem")
@@ -185,9 +184,3 @@ def import_state_dict(tensors: Mapping[str, np.ndarray], config,
 def export_state_dict(flat: Mapping[str, np.ndarray], config) -> dict[str, np.ndarray]:
   params_shapes = {p[len("params/"):]: v.shape for p, v in flat.items() if p.startswith("params/")}
   return R.export_tensors(flat, state_dict_rules(config, params_shapes))
-
-
-def check_complete(flat: Mapping[str, np.ndarray], expected: Mapping[str, tuple]) -> None:
-  missing = [p for p in expected if p not in flat]
-  if missing:
-    raise CheckpointError("reference checkpoint", missing=missing)

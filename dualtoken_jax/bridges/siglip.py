@@ -14,12 +14,17 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+import flax.linen as nn
+import jax
+import ml_collections
 import numpy as np
 import scipy.ndimage
+from flax import traverse_util
 
 from dualtoken_jax import model_config
 from dualtoken_jax.bridges import rules as R
 from dualtoken_jax.bridges.tensor_files import CheckpointError, read_npz, read_tensors
+from dualtoken_jax.models.vit import VisionTower
 
 
 # ---------------------------------------------------------------- HF rule tables
@@ -96,8 +101,7 @@ def siglip_rules(config, t: str = "") -> list[R.Rule]:
 
 
 # ---------------------------------------------------------------- HF configs
-def vision_config_from_hf(vc: Mapping) -> "ml_collections.ConfigDict":  # noqa: F821
-  import ml_collections  # pylint: disable=g-import-not-at-top
+def vision_config_from_hf(vc: Mapping) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       width=vc["hidden_size"], depth=vc["num_hidden_layers"], mlp_dim=vc["intermediate_size"],
       num_heads=vc["num_attention_heads"], patch_size=vc["patch_size"],
@@ -122,29 +126,30 @@ def read_hf_config(path: str | Path) -> dict:
   return cfg
 
 
-def load_hf(path: str | Path, config, expected: Mapping[str, tuple]) -> dict[str, np.ndarray]:
+def load_hf(path: str | Path, vision, text, expected: Mapping[str, tuple]) -> dict[str, np.ndarray]:
   """HF SigLIP weights (a directory with model.safetensors, or the file) -> our flat paths.
 
-  `config` is a tokenizer config (vision, text); `expected` maps our per-block (loop layout)
-  paths under img/, txt/, t, b to their shapes; the result is in that layout too. Keys for
-  towers the config lacks (e.g. text) are skipped knowingly.
+  `vision`/`text` are the towers' configs (text may be None); `expected` maps the per-block
+  (loop layout) paths wanted under img/, txt/, t, b to their shapes, and the result has exactly
+  those. File keys of parts not wanted (e.g. the text tower) are skipped knowingly; any other
+  missing, extra or misshaped key is an error.
   """
   path = Path(path)
   file = path / "model.safetensors" if path.is_dir() else path
   tensors = read_tensors(file)
-  has_prefix = any(k.startswith("vision_model.") for k in tensors)
-  if has_prefix:
-    rules = siglip_rules(config) if "logit_scale" in tensors else (
-        vision_rules(config.vision, "vision_model.") +
-        (text_rules(config.text, "text_model.") if config.text is not None else []))
-  else:  # a bare vision tower state dict
-    rules = vision_rules(config.vision, "")
-  wanted = {p for r in rules for p in r.ours}
-  skip_text = config.text is None
-  return R.import_tensors(
-      tensors, rules, {p: s for p, s in expected.items() if p in wanted}, f"HF SigLIP {file}",
-      ignore=lambda k: skip_text and (k.startswith("text_model.") or k in ("logit_scale", "logit_bias")),
-      adapt=adapt_posemb)
+  if any(k.startswith("vision_model.") for k in tensors):  # SiglipModel / SiglipVisionModel
+    rules = vision_rules(vision, "vision_model.")
+    if text is not None:
+      rules += text_rules(text, "text_model.")
+    rules += [R.one("logit_scale", "t"), R.one("logit_bias", "b")]
+  else:  # a bare vision-tower state dict
+    rules = vision_rules(vision, "")
+  wanted = [r for r in rules if all(p in expected for p in r.ours)]
+  skipped = {r.foreign for r in rules} - {r.foreign for r in wanted}
+  skip_towers = ("text_model.",) if text is None else ()
+  return R.import_tensors(tensors, wanted, expected, f"HF SigLIP {file}",
+                          ignore=lambda k: k in skipped or k.startswith(skip_towers),
+                          adapt=adapt_posemb)
 
 
 # ---------------------------------------------------------------- big_vision npz
@@ -192,3 +197,26 @@ def resample_posemb(posemb: np.ndarray, n_new: int) -> np.ndarray:
   grid = posemb.reshape(g_old, g_old, d).astype(np.float32)
   grid = scipy.ndimage.zoom(grid, (g_new / g_old, g_new / g_old, 1), order=1)
   return grid.reshape(1, n_new, d).astype(posemb.dtype)
+
+
+def load_vision_tower(path: str | Path, scan: bool = False):
+  """A plain SigLIP image tower from a HF directory (config.json + model.safetensors).
+
+  Returns `(module, params)` with `module.apply({"params": params}, images)` -> pooled features
+  (and hidden states with `collect=True`); e.g. a frozen teacher for distillation.
+  """
+  hf = read_hf_config(path)
+  vision = vision_config_from_hf(hf["vision_config"])
+  size = hf["vision_config"]["image_size"]
+  module = VisionTower(patch_size=vision.patch_size, grid=size // vision.patch_size,
+                       width=vision.width, depth=vision.depth, mlp_dim=vision.mlp_dim,
+                       num_heads=vision.num_heads, layer_norm_eps=vision.layer_norm_eps, scan=scan)
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(module.init(
+      jax.random.key(0), jax.numpy.zeros((1, size, size, 3)))))
+  expected = {f"img/{k}": s for k, s in R.loop_shapes(
+      {k: v.shape for k, v in traverse_util.flatten_dict(abstract["params"], sep="/").items()}).items()}
+  flat = load_hf(path, vision, None, expected)
+  flat = {k[len("img/"):]: v for k, v in flat.items()}
+  if scan:
+    flat = R.loop_to_scan(flat, R.block_depths(flat))
+  return module, traverse_util.unflatten_dict(flat, sep="/")

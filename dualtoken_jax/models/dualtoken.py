@@ -27,6 +27,18 @@ from dualtoken_jax.models.vit import VisionTower
 from dualtoken_jax.quantization.quantizer import ResidualQuantizer
 
 
+def vision_tower(config, **overrides) -> VisionTower:
+  """The SigLIP image tower a tokenizer config describes (also the frozen teacher's module)."""
+  v = config.vision
+  kw = dict(patch_size=v.patch_size, grid=model_config.grid_size(config), width=v.width,
+            depth=v.depth, mlp_dim=v.mlp_dim, num_heads=v.num_heads,
+            layer_norm_eps=v.layer_norm_eps, scan=config.scan_layers,
+            remat_policy=model_config.REMAT_POLICIES[config.remat_policy],
+            dtype=jnp.dtype(config.dtype))
+  kw.update(overrides)
+  return VisionTower(**kw)
+
+
 def _quantizer(q) -> ResidualQuantizer:
   return ResidualQuantizer(
       codebook_size=q.codebook_size, embed_dim=q.embed_dim, depth=q.depth, decay=q.decay,
@@ -42,10 +54,7 @@ class DualToken(nn.Module):
     dtype = jnp.dtype(c.dtype)
     remat = model_config.REMAT_POLICIES[c.remat_policy]
     v = c.vision
-    self.img = VisionTower(
-        patch_size=v.patch_size, grid=model_config.grid_size(c), width=v.width, depth=v.depth,
-        mlp_dim=v.mlp_dim, num_heads=v.num_heads, layer_norm_eps=v.layer_norm_eps,
-        scan=c.scan_layers, remat_policy=remat, dtype=dtype)
+    self.img = vision_tower(c)
     if c.text is not None:
       t = c.text
       self.txt = TextTower(
@@ -73,8 +82,13 @@ class DualToken(nn.Module):
                            dropout=d.dropout, dtype=dtype)
 
   # ---------------------------------------------------------------- encode
-  def encode(self, images, train: bool = False, collect_hidden: bool = False) -> dict[str, Any]:
-    """Images (B,H,W,3) in [-1,1] -> codes, quantised features, pooled embedding, losses."""
+  def encode(self, images, train: bool = False, collect_hidden: bool = False,
+             update_codebooks: tuple[str, ...] = ("pix", "sem")) -> dict[str, Any]:
+    """Images (B,H,W,3) in [-1,1] -> codes, quantised features, pooled embedding, losses.
+
+    With `train=True` the EMA codebooks named in `update_codebooks` are updated (stage 2 of
+    the recipe keeps the pixel codebook fixed).
+    """
     c = self.config
     h = self.img.embed(images)
     hidden = [h[None]]
@@ -93,8 +107,8 @@ class DualToken(nn.Module):
     p = taps["recon"]
     if c.layer_shortcut is not None:
       p = p + c.weight_shortcut * taps["shortcut"]
-    pix = self.quantizer_pix(p.reshape(b, g, g, -1), train)
-    sem = self.quantizer_sem(self.prequant_sem(h).reshape(b, g, g, -1), train)
+    pix = self.quantizer_pix(p.reshape(b, g, g, -1), train and "pix" in update_codebooks)
+    sem = self.quantizer_sem(self.prequant_sem(h).reshape(b, g, g, -1), train and "sem" in update_codebooks)
     zq_sem = self.postquant_sem(sem.quantized.reshape(b, n, -1))
 
     h = self._blocks(zq_sem, c.layer_sem, c.vision.depth, collect_hidden, hidden)
@@ -153,10 +167,33 @@ class DualToken(nn.Module):
       raise ValueError("this tokenizer config has no text tower (config.text is None)")
     return l2_normalize(self.txt(tokens))
 
-  def __call__(self, images, train: bool = False, collect_hidden: bool = False):
-    out = self.encode(images, train, collect_hidden)
-    out["recon"] = self.decode(out["zq_pix"], train)
+  def __call__(self, images, train: bool = False, collect_hidden: bool = False,
+               update_codebooks: tuple[str, ...] = ("pix", "sem"), decode: bool = True):
+    out = self.encode(images, train, collect_hidden, update_codebooks)
+    if decode:
+      out["recon"] = self.decode(out["zq_pix"], train)
     return out
+
+  def initialize(self, images):
+    """Touches every submodule (the text tower too), for `init`."""
+    out = self(images)
+    if self.config.text is not None:
+      out["text"] = self.encode_text(jnp.zeros((1, self.config.text.max_len), jnp.int32))
+    return out
+
+
+def init_variables(config, rng: jax.Array) -> dict:
+  """Randomly initialised {"params", "vq_stats"} (unboxed) for a tokenizer config."""
+  model = DualToken(ml_collections.FrozenConfigDict(config))
+  size = config.image_size
+  images = jnp.zeros((1, size, size, 3), jnp.float32)
+  variables = model.init({"params": rng}, images, method=DualToken.initialize)
+  return nn.meta.unbox(variables)
+
+
+def abstract_variables(config) -> dict:
+  """Shapes and dtypes of `init_variables`, without computing anything."""
+  return jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
 
 
 def l2_normalize(x, eps=1e-12):

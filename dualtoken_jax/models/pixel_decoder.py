@@ -129,7 +129,15 @@ class Decoder(nn.Module):
                   dtype=self.dtype, name=f"up_{i}")(h, train)
       res = res * 2 if i != 0 else res
     h = nn.silu(group_norm(self.dtype, "norm_out")(h))
+    # The adaptive GAN weight needs gradients w.r.t. conv_out's kernel; with its input at hand
+    # they cost one small vjp instead of a second pass through the decoder.
+    self.sow("intermediates", "conv_out_input", h)
     return conv(self.out_ch, 3, self.dtype, "conv_out")(h)
+
+
+def apply_conv_out(params, h, out_ch: int = 3):
+  """The decoder's last conv as a function of its params {"kernel", "bias"} and input `h`."""
+  return conv(out_ch, 3, h.dtype, "conv_out").apply({"params": params}, h)
 
 
 def resize_latent(x, shape):

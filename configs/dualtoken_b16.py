@@ -1,0 +1,19 @@
+"""A ViT-B/16-224 DualToken (K=16384, D=4, decoder ch 64, ch_mult 1,1,2,2,4): the mid-sized
+benchmark config. Taps follow the paper's "first quarter" rule for 12 blocks (recon 3, sem 11).
+"""
+
+import ml_collections
+
+from dualtoken_jax import model_config as mc
+
+
+def get_config(arg=None):
+  del arg
+  model = mc.tokenizer_config(
+      vision=mc.vit_config("B", patch_size=16), image_size=224,
+      layer_recon=3, layer_shortcut=2, weight_shortcut=0.6, layer_sem=11,
+      vq_pix=mc.quantizer_config(depth=4, ema_update="per_level"),
+      vq_sem=mc.quantizer_config(depth=4, ema_update="pooled"),
+      decoder=mc.decoder_config(ch=64, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(14,), in_channels=512),
+      text=None)
+  return ml_collections.ConfigDict(dict(model=model))

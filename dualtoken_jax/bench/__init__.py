@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m dualtoken_jax.bench --help`."""

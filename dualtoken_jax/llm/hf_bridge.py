@@ -1,0 +1,205 @@
+"""Hugging Face Gemma checkpoints <-> the decoder's loop-layout params, both ways, exactly.
+
+Reads `GemmaForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM` safetensors (one file or a
+sharded `model.safetensors.index.json`), and the text decoder inside
+`Gemma3ForConditionalGeneration` checkpoints (`language_model.model.` or
+`model.language_model.` prefixes; their vision tower and projector keys are skipped knowingly).
+
+One table of rules serves both directions. Several HF tensors may fill one of ours (k_proj and
+v_proj -> `kv_einsum`, gate_proj and up_proj -> `gating_einsum`), which `bridges/rules.py`'s
+one-foreign-key rules cannot express, hence the small `Rule` here. Import is strict: every
+missing, unexpected or misshaped key is listed in one `CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from dualtoken_jax.bridges.tensor_files import CheckpointError, read_tensors, write_safetensors
+from dualtoken_jax.llm import config as C
+
+TEXT_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
+# Multimodal parts of Gemma3ForConditionalGeneration checkpoints: not the text decoder's.
+_MULTIMODAL = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+               "model.multi_modal_projector.")
+_LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """HF tensors `foreign` (with `shapes`) <-> our loop-layout path `ours`."""
+  foreign: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  ours: str
+  to_ours: Callable[..., np.ndarray]
+  to_foreign: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+
+
+def _same(hf: str, ours: str, shape) -> Rule:
+  return Rule((hf,), (tuple(shape),), ours, lambda a: a, lambda w: (w,))
+
+
+def _heads_in(hf: str, ours: str, n: int, d: int, h: int) -> Rule:
+  """Linear (n*h, d) <-> (n, d, h)."""
+  return Rule((hf,), ((n * h, d),), ours, lambda a: a.reshape(n, h, d).transpose(0, 2, 1),
+              lambda w: (w.transpose(0, 2, 1).reshape(n * h, d),))
+
+
+def _fused_heads_in(hfs: tuple[str, ...], ours: str, n: int, d: int, h: int) -> Rule:
+  """Several Linear (n*h, d) (k and v; or q, k and v) <-> one (len(hfs), n, d, h)."""
+  return Rule(hfs, ((n * h, d),) * len(hfs), ours,
+              lambda *a: np.stack([x.reshape(n, h, d).transpose(0, 2, 1) for x in a]),
+              lambda w: tuple(x.transpose(0, 2, 1).reshape(n * h, d) for x in w))
+
+
+def rules(config, prefix: str = "model.") -> list[Rule]:
+  """The full table for a decoder config, HF keys under `prefix`."""
+  d, f = config.width, config.mlp_dim
+  n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
+  table = [_same(f"{prefix}embed_tokens.weight", "embedder/input_embedding",
+                 (config.vocab_size, d)),
+           _same(f"{prefix}norm.weight", "final_norm/scale", (d,))]
+  for i in range(config.depth):
+    t, o = f"{prefix}layers.{i}.", f"layer_{i}/"
+    a = f"{t}self_attn."
+    # Gemma 1 names its pre-FFN norm "post_attention_layernorm"; Gemma 2/3 use that name for
+    # the post-attention norm and add pre/post_feedforward_layernorm.
+    norms = {"input_layernorm": "pre_attention_norm"}
+    if config.family == "gemma":
+      norms["post_attention_layernorm"] = "pre_ffw_norm"
+    else:
+      norms["pre_feedforward_layernorm"] = "pre_ffw_norm"
+      if config.post_attn_norm:
+        norms["post_attention_layernorm"] = "post_attention_norm"
+      if config.post_ffw_norm:
+        norms["post_feedforward_layernorm"] = "post_ffw_norm"
+    table += [_same(f"{t}{hf}.weight", f"{o}{ours}/scale", (d,)) for hf, ours in norms.items()]
+    if config.qk_norm:
+      table += [_same(f"{a}q_norm.weight", f"{o}attn/_query_norm/scale", (h,)),
+                _same(f"{a}k_norm.weight", f"{o}attn/_key_norm/scale", (h,))]
+    if C.uses_qkv_einsum(config):
+      table.append(_fused_heads_in((f"{a}q_proj.weight", f"{a}k_proj.weight", f"{a}v_proj.weight"),
+                                   f"{o}attn/qkv_einsum/w", n, d, h))
+    else:
+      table += [_heads_in(f"{a}q_proj.weight", f"{o}attn/q_einsum/w", n, d, h),
+                _fused_heads_in((f"{a}k_proj.weight", f"{a}v_proj.weight"), f"{o}attn/kv_einsum/w",
+                                k, d, h)]
+    table += [
+        # o_proj (D, N*H) <-> attn_vec_einsum (N, H, D)
+        Rule((f"{a}o_proj.weight",), ((d, n * h),), f"{o}attn/attn_vec_einsum/w",
+             lambda x: x.T.reshape(n, h, d), lambda w: (w.reshape(n * h, d).T,)),
+        # gate_proj, up_proj (F, D) <-> gating_einsum (2, D, F): [0] is the GELU branch.
+        Rule((f"{t}mlp.gate_proj.weight", f"{t}mlp.up_proj.weight"), ((f, d), (f, d)),
+             f"{o}mlp/gating_einsum", lambda g, u: np.stack([g.T, u.T]),
+             lambda w: (w[0].T, w[1].T)),
+        Rule((f"{t}mlp.down_proj.weight",), ((d, f),), f"{o}mlp/linear", lambda x: x.T,
+             lambda w: (w.T,)),
+    ]
+  return table
+
+
+def text_prefix(tensors: Mapping[str, object]) -> str:
+  """The key prefix of the text decoder in a HF state dict ("model." for *ForCausalLM)."""
+  for prefix in TEXT_PREFIXES:
+    if f"{prefix}embed_tokens.weight" in tensors:
+      return prefix
+  return "model."
+
+
+def import_tensors(tensors: Mapping[str, np.ndarray], config, what: str = "HF checkpoint"
+                   ) -> dict[str, np.ndarray]:
+  """HF state dict -> our loop-layout flat params (dtypes as stored)."""
+  prefix = text_prefix(tensors)
+  table = rules(config, prefix)
+  claimed = {key for r in table for key in r.foreign}
+  multimodal = prefix != "model."
+  missing = [key for key in claimed if key not in tensors]
+  unexpected = [key for key in tensors if key not in claimed and key not in _LM_HEADS
+                and not (multimodal and key.startswith(_MULTIMODAL))]
+  misshaped = [f"{key}: checkpoint {tuple(tensors[key].shape)}, model {shape}"
+               for r in table for key, shape in zip(r.foreign, r.shapes, strict=True)
+               if key in tensors and tuple(tensors[key].shape) != shape]
+  other = []
+  for head in _LM_HEADS:  # tied: a saved lm_head must be the embedding table
+    emb = tensors.get(f"{prefix}embed_tokens.weight")
+    if head in tensors and emb is not None and not np.array_equal(tensors[head], emb):
+      other.append(f"{head} differs from {prefix}embed_tokens.weight; Gemma ties them")
+  err = CheckpointError(what, missing, unexpected, misshaped, other)
+  if err.has_problems:
+    raise err
+  return {r.ours: np.asarray(r.to_ours(*(np.asarray(tensors[key]) for key in r.foreign)))
+          for r in table}
+
+
+def export_tensors(flat_loop: Mapping[str, np.ndarray], config) -> dict[str, np.ndarray]:
+  """Our loop-layout flat params -> a `*ForCausalLM` state dict."""
+  out = {}
+  for r in rules(config, "model."):
+    for key, value in zip(r.foreign, r.to_foreign(np.asarray(flat_loop[r.ours])), strict=True):
+      out[key] = np.ascontiguousarray(value)
+  return out
+
+
+# ---------------------------------------------------------------- directories
+def read_config(path: str | Path) -> dict:
+  path = Path(path)
+  file = path / "config.json" if path.is_dir() else path
+  if not file.is_file():
+    raise FileNotFoundError(f"no HF config.json at {file}")
+  return json.loads(file.read_text())
+
+
+def read_dir(path: str | Path) -> dict[str, np.ndarray]:
+  """All tensors of a HF checkpoint directory (single or sharded safetensors)."""
+  path = Path(path)
+  index = path / "model.safetensors.index.json"
+  if index.is_file():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    tensors = {}
+    for name in files:
+      tensors.update(read_tensors(path / name))
+    return tensors
+  single = path / "model.safetensors"
+  if not single.is_file():
+    raise FileNotFoundError(f"{path} has neither model.safetensors nor "
+                            "model.safetensors.index.json")
+  return read_tensors(single)
+
+
+def load(path: str | Path, config=None) -> tuple[dict[str, np.ndarray], object]:
+  """(loop-layout flat params, config) from a HF checkpoint directory."""
+  config = config or C.config_from_hf(read_config(path))
+  return import_tensors(read_dir(path), config, f"HF checkpoint {path}"), config
+
+
+def save(path: str | Path, flat_loop: Mapping[str, np.ndarray], config,
+         max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes config.json and model.safetensors (sharded with an index above `max_shard_bytes`)."""
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  tensors = export_tensors(flat_loop, config)
+  metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+  shards, size = [[]], 0
+  for key, value in tensors.items():
+    if shards[-1] and size + value.nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(key)
+    size += value.nbytes
+  if len(shards) == 1:
+    write_safetensors(path / "model.safetensors", tensors, metadata)
+  else:
+    weight_map = {}
+    for i, keys in enumerate(shards):
+      name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      write_safetensors(path / name, {k: tensors[k] for k in keys}, metadata)
+      weight_map.update({k: name for k in keys})
+    total = sum(v.nbytes for v in tensors.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  (path / "config.json").write_text(json.dumps(C.config_to_hf(config), indent=2))
