@@ -2,9 +2,8 @@
 benchmark config. Taps follow the paper's "first quarter" rule for 12 blocks (recon 3, sem 11).
 """
 
-import ml_collections
-
 from dualtoken_jax import model_config as mc
+from dualtoken_jax.training import recipe
 
 
 def get_config(arg=None):
@@ -16,4 +15,4 @@ def get_config(arg=None):
       vq_sem=mc.quantizer_config(depth=4, ema_update="pooled"),
       decoder=mc.decoder_config(ch=64, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(14,), in_channels=512),
       text=None)
-  return ml_collections.ConfigDict(dict(model=model))
+  return recipe.training_config(model, stage=1, batch_size=8, total_steps=1000, steps_per_epoch=100)

@@ -57,7 +57,8 @@ def quantizer_config(*, codebook_size=16384, embed_dim=32, depth=8, ema_update="
 def decoder_config(*, ch=128, ch_mult=(1, 1, 4, 4, 8), attn_resolutions=(24,), in_channels=1024):
   return ml_collections.ConfigDict(dict(
       ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=2, attn_resolutions=tuple(attn_resolutions),
-      in_channels=in_channels, out_ch=3, dropout=0.0))
+      in_channels=in_channels, out_ch=3, dropout=0.0,
+      remat=False))  # recompute ResnetBlocks in the backward pass (training memory)
 
 
 def text_config(*, width, depth, mlp_dim, num_heads, vocab_size, max_len, out_dim=None):

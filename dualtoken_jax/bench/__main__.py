@@ -1,24 +1,31 @@
 """Benchmarks: `python -m dualtoken_jax.bench <name> [flags]`; `--help` lists them.
 
-Each prints median step times (after warm-up), XLA's FLOP and memory figures, and the achieved
+  quantizer   the RVQ at paper scale (K=16384, d=32, D=8, N=8x729)
+  encode      tokenizer encode/decode, tiny and ViT-B/16-224 configs
+  train_step  one training step (demo and ViT-B configs), with and without LPIPS + GAN
+  memory      compiled per-device memory of a training step on a simulated mesh
+  evaluate    reconstruction + rFID feature pass, images/s
+
+Each prints median times (after warm-up), XLA's FLOP and memory figures, and the achieved
 GFLOP/s as a fraction of a plain matmul measured in the same run. README figures come from here.
 """
 
+import importlib
+import os
 import sys
 
-from dualtoken_jax.bench import encode, quantizer
-
-BENCHMARKS = {
-    "quantizer": quantizer.run,
-    "encode": encode.run,
-}
+BENCHMARKS = ("quantizer", "encode", "train_step", "memory", "evaluate")
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) < 1 or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+  if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
     print(f"usage: python -m dualtoken_jax.bench {{{','.join(BENCHMARKS)}}} [flags]\n\n{__doc__}")
     return 0 if argv and argv[0] in ("-h", "--help") else 2
-  print(BENCHMARKS[argv[0]](argv[1:]))
+  if argv[0] == "memory":  # simulated devices must exist before jax starts
+    n = next((a.split("=", 1)[1] for a in argv if a.startswith("--devices=")), "8")
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={n}")
+  module = importlib.import_module(f"dualtoken_jax.bench.{argv[0]}")
+  print(module.run(argv[1:]))
   return 0
 
 

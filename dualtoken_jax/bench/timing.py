@@ -55,8 +55,9 @@ def measure(name: str, fn: Callable, args: tuple, *, flops_fn: Callable | None =
             iters: int = 20) -> Measurement:
   """Times `jax.jit(fn)(*args)`. XLA's cost analysis counts a while loop's body once, so pass
   `flops_fn`, an equivalent loop-free function, when `fn` loops (e.g. chunked distances)."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  flops_source = jax.jit(flops_fn).lower(*args).compile() if flops_fn else compiled
+  jitted = lambda f: f if hasattr(f, "lower") else jax.jit(f)  # keep explicit shardings
+  compiled = jitted(fn).lower(*args).compile()
+  flops_source = jitted(flops_fn).lower(*args).compile() if flops_fn else compiled
   peak, temp = memory(compiled)
   return Measurement(name, median_time(compiled, *args, iters=iters),
                      float(cost(flops_source).get("flops", 0.0)), peak, temp)

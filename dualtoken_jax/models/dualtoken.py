@@ -79,7 +79,7 @@ class DualToken(nn.Module):
     self.post_quant_conv = PostQuantResnetBlock(d.in_channels, dropout=d.dropout, dtype=dtype)
     self.decoder = Decoder(ch=d.ch, ch_mult=d.ch_mult, num_res_blocks=d.num_res_blocks,
                            attn_resolutions=d.attn_resolutions, out_ch=d.out_ch,
-                           dropout=d.dropout, dtype=dtype)
+                           dropout=d.dropout, remat=d.get("remat", False), dtype=dtype)
 
   # ---------------------------------------------------------------- encode
   def encode(self, images, train: bool = False, collect_hidden: bool = False,

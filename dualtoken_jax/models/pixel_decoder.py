@@ -94,14 +94,19 @@ class UpLevel(nn.Module):
   attention: bool
   upsample: bool
   dropout: float = 0.0
+  remat: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train=False):
+    # Remat recomputes a block in the backward pass: at 384 px the full-resolution levels'
+    # activations dominate training memory.
+    block = nn.remat(ResnetBlock, static_argnums=(2,)) if self.remat else ResnetBlock
+    attn = nn.remat(AttnBlock) if self.remat else AttnBlock
     for j in range(self.num_blocks):
-      x = ResnetBlock(self.out_channels, self.dropout, dtype=self.dtype, name=f"block_{j}")(x, train)
+      x = block(self.out_channels, self.dropout, dtype=self.dtype, name=f"block_{j}")(x, train)
       if self.attention:
-        x = AttnBlock(self.dtype, name=f"attn_{j}")(x)
+        x = attn(self.dtype, name=f"attn_{j}")(x)
     if self.upsample:
       x = Upsample(self.dtype, name="upsample")(x)
     return x
@@ -115,6 +120,7 @@ class Decoder(nn.Module):
   attn_resolutions: Sequence[int]
   out_ch: int = 3
   dropout: float = 0.0
+  remat: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -126,7 +132,7 @@ class Decoder(nn.Module):
     for i in reversed(range(levels)):  # coarse to fine; `up_{i}` keeps taming's level index
       h = UpLevel(self.ch * self.ch_mult[i], self.num_res_blocks + 1,
                   attention=res in self.attn_resolutions, upsample=i != 0, dropout=self.dropout,
-                  dtype=self.dtype, name=f"up_{i}")(h, train)
+                  remat=self.remat, dtype=self.dtype, name=f"up_{i}")(h, train)
       res = res * 2 if i != 0 else res
     h = nn.silu(group_norm(self.dtype, "norm_out")(h))
     # The adaptive GAN weight needs gradients w.r.t. conv_out's kernel; with its input at hand

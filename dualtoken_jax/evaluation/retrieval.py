@@ -1,0 +1,124 @@
+"""Text↔image retrieval recall@K (the Flickr / COCO protocol of CLIP-style evaluations).
+
+Gallery: the N evaluated images that have at least one caption; queries: their M captions
+(Flickr8K/30K: 5 per image). Similarity s(c, i) = text_c · image_i, both L2-normalised.
+
+* text→image R@K: the fraction of captions whose own image is among the K most similar
+  images. rank(c) = #{images i' : s(c, i') > s(c, i_c)}; hit iff rank(c) < K.
+* image→text R@K: the fraction of images for which *any* of their captions is among the K
+  most similar captions (the standard multi-caption rule). With s*_i = max over the image's
+  captions of s(c, i): rank(i) = #{captions c' : s(c', i) > s*_i}; hit iff rank(i) < K.
+
+Ties count in the query's favour (strictly greater scores outrank); with float embeddings
+they do not occur in practice. Recalls are in percent. Computed in float32 numpy, in chunks
+of captions, so the M × N score matrix is never held at once.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from dualtoken_jax.evaluation import text
+
+KS = (1, 5, 10)
+
+
+def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, caption_image: np.ndarray,
+                ks: Sequence[int] = KS, chunk: int = 4096) -> dict[str, float]:
+  """{"t2i_r1": %, …, "i2t_r10": %} (module docstring).
+
+  Args:
+    image_embeds: (N, D) L2-normalised image embeddings.
+    text_embeds: (M, D) L2-normalised caption embeddings.
+    caption_image: (M,) int, the gallery index of each caption's image; every image must own
+      at least one caption.
+    ks: the K values.
+    chunk: captions scored at once.
+  """
+  img = np.asarray(image_embeds, np.float32)
+  txt = np.asarray(text_embeds, np.float32)
+  owner = np.asarray(caption_image, np.int64)
+  n, m = len(img), len(txt)
+  if owner.shape != (m,):
+    raise ValueError(f"caption_image must have shape ({m},), got {owner.shape}")
+  if n == 0 or m == 0:
+    raise ValueError(f"retrieval needs images and captions, got {n} images and {m} captions")
+  if owner.min() < 0 or owner.max() >= n:
+    raise ValueError(f"caption_image must index the {n} images, got values in "
+                     f"[{owner.min()}, {owner.max()}]")
+  if len(np.unique(owner)) != n:
+    raise ValueError("every gallery image needs at least one caption")
+
+  t2i_rank = np.empty(m, np.int64)
+  best = np.full(n, -np.inf, np.float32)  # s*_i
+  for s in range(0, m, chunk):
+    scores = txt[s:s + chunk] @ img.T                    # (c, N)
+    rows = np.arange(len(scores))
+    own = scores[rows, owner[s:s + chunk]]
+    t2i_rank[s:s + chunk] = np.sum(scores > own[:, None], axis=1)
+    np.maximum.at(best, owner[s:s + chunk], own)
+  i2t_rank = np.zeros(n, np.int64)
+  for s in range(0, m, chunk):
+    scores = txt[s:s + chunk] @ img.T
+    i2t_rank += np.sum(scores > best[None, :], axis=0)
+
+  out = {}
+  for k in ks:
+    out[f"t2i_r{k}"] = 100.0 * float(np.mean(t2i_rank < k))
+  for k in ks:
+    out[f"i2t_r{k}"] = 100.0 * float(np.mean(i2t_rank < k))
+  return out
+
+
+def gallery(image_keys: Sequence[str], pairs: Sequence[tuple[str, str]], lookup
+            ) -> tuple[np.ndarray, list[str], np.ndarray, dict[str, int]]:
+  """Matches evaluated images with captions.
+
+  Args:
+    image_keys: keys of the images that were evaluated (readable), in row order.
+    pairs: (image name, caption) from the caption file.
+    lookup: source key -> image name in the caption file, or None (`match_caption_images`).
+
+  Returns:
+    rows: indices into `image_keys` of the gallery images (those with captions), in order;
+    captions: the captions whose image is in the gallery, in file order;
+    caption_image: (M,) gallery index of each caption's image;
+    counts: images without captions, and captions whose image was not evaluated (missing
+      from the data or unreadable).
+  """
+  row_of_name: dict[str, int] = {}
+  for row, key in enumerate(image_keys):
+    name = lookup(key)
+    if name is not None and name not in row_of_name:
+      row_of_name[name] = row
+  named = {name for name, _ in pairs}
+  used = sorted(row_of_name[nm] for nm in named if nm in row_of_name)
+  index_of_row = {row: i for i, row in enumerate(used)}
+  captions, owner, orphans = [], [], 0
+  for name, caption in pairs:
+    row = row_of_name.get(name)
+    if row is None:
+      orphans += 1
+      continue
+    captions.append(caption)
+    owner.append(index_of_row[row])
+  counts = {"images_without_captions": len(image_keys) - len(used),
+            "captions_without_image": orphans}
+  return np.array(used, np.int64), captions, np.array(owner, np.int64), counts
+
+
+def evaluate_retrieval(model, variables, tokenizer: text.SigLIPTokenizer, mesh,
+                       image_keys: Sequence[str], embeds: dict[str, np.ndarray],
+                       pairs: Sequence[tuple[str, str]], lookup,
+                       batch_size: int = 256) -> dict:
+  """Recall@K for every image-embedding path in `embeds` ({"quantized": (N, D), …})."""
+  rows, captions, owner, counts = gallery(image_keys, pairs, lookup)
+  if not captions:
+    raise ValueError("no evaluated image has a caption: check that the caption file's image "
+                     "names match the data's file names")
+  txt = text.encode_texts(model, variables, tokenizer(captions), mesh, batch_size)
+  out = {path: recall_at_k(e[rows], txt, owner) for path, e in embeds.items()}
+  out.update(num_images=int(len(rows)), num_captions=len(captions), **counts)
+  return out

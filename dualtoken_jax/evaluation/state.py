@@ -1,0 +1,233 @@
+"""The resumable accumulators of an evaluation and their atomic checkpoints.
+
+Layout under `WORKDIR/eval_state/`, one set per JAX process p:
+
+  p{p}_rows_{start}-{stop}.npz   per-image rows of batches [start, stop): written once, never
+                                 rewritten (keys, PSNR, SSIM, labels, top-k ids, embeddings)
+  p{p}_state_{position}.npz      everything else after `position` batches: FID sufficient
+                                 statistics (float64), code histograms (int64), the worst/best
+                                 reconstructions, skip counts, the grain iterator state, the
+                                 list of row files, and the run's fingerprint
+
+Each file is written under a temporary name and renamed, so a kill leaves either the old or
+the new checkpoint, never a torn one. The two newest state files are kept: on several hosts
+the run resumes from the newest position that every process has saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+from typing import Any, Callable
+
+import numpy as np
+
+from dualtoken_jax.metrics import fid
+from dualtoken_jax.metrics.codebook_stats import CodeHistogram
+
+_STATE = re.compile(r"p(\d+)_state_(\d+)\.npz$")
+KEEP_STATES = 2
+
+
+class FingerprintMismatch(ValueError):
+  pass
+
+
+# ---------------------------------------------------------------- worst / best reconstructions
+@dataclasses.dataclass
+class Extremes:
+  """The `n` lowest- and `n` highest-PSNR images seen, with their input and reconstruction."""
+  n: int
+  keys: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), "U1"))
+  psnr: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.float64))
+  originals: np.ndarray | None = None   # (m, H, W, 3) uint8
+  recons: np.ndarray | None = None
+
+  def _keep(self, keys, psnr) -> np.ndarray:
+    """Indices of the union of the n worst and n best, ties broken by key."""
+    worst = np.lexsort((keys, psnr))[:self.n]
+    best = np.lexsort((keys, -psnr))[:self.n]
+    return np.unique(np.concatenate([worst, best]))
+
+  def offer(self, keys: np.ndarray, psnr: np.ndarray,
+            fetch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+    """Considers a batch; `fetch(rows)` gives (originals, recons) of the rows that enter."""
+    if self.n <= 0 or not len(keys):
+      return
+    all_keys = np.concatenate([self.keys.astype(str), np.asarray(keys, str)])
+    all_psnr = np.concatenate([self.psnr, np.asarray(psnr, np.float64)])
+    keep = self._keep(all_keys, all_psnr)
+    new_rows = keep[keep >= len(self.keys)] - len(self.keys)
+    if not len(new_rows) and len(keep) == len(self.keys):
+      return
+    old = keep[keep < len(self.keys)]
+    orig_new, recon_new = fetch(new_rows) if len(new_rows) else (None, None)
+    parts = lambda mine, new: np.concatenate(
+        ([mine[old]] if mine is not None and len(old) else []) +
+        ([new] if new is not None else []))
+    self.originals, self.recons = parts(self.originals, orig_new), parts(self.recons, recon_new)
+    self.keys, self.psnr = all_keys[keep], all_psnr[keep]
+
+  def merge(self, other: "Extremes") -> "Extremes":
+    out = Extremes(self.n, self.keys, self.psnr, self.originals, self.recons)
+    if len(other.keys):
+      out.offer(other.keys, other.psnr, lambda rows: (other.originals[rows], other.recons[rows]))
+    return out
+
+  def ranked(self) -> tuple[np.ndarray, np.ndarray]:
+    """(worst rows ascending PSNR, best rows descending PSNR)."""
+    return (np.lexsort((self.keys, self.psnr))[:self.n],
+            np.lexsort((self.keys, -self.psnr))[:self.n])
+
+
+# ---------------------------------------------------------------- the accumulators
+@dataclasses.dataclass
+class Accumulators:
+  """Everything one process has accumulated after `position` batches."""
+  position: int = 0
+  iterator_state: Any = None
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+  skipped_keys: list[str] = dataclasses.field(default_factory=list)
+  fid_real: fid.GaussianStats | None = None
+  fid_fake: fid.GaussianStats | None = None
+  hist_pix: CodeHistogram | None = None
+  hist_sem: CodeHistogram | None = None
+  extremes: Extremes | None = None
+  elapsed_s: float = 0.0
+  row_files: list[str] = dataclasses.field(default_factory=list)
+  pending: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
+  pending_from: int = 0
+
+  def add_rows(self, **columns: np.ndarray) -> None:
+    for name, values in columns.items():
+      self.pending.setdefault(name, []).append(np.asarray(values))
+
+  def add_skips(self, counts: dict[str, int], keys: list[str]) -> None:
+    for reason, n in counts.items():
+      self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+    self.skipped_keys.extend(keys)
+
+
+def _atomic_savez(path: str, **arrays) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+
+
+def state_dir(workdir: str) -> str:
+  return os.path.join(workdir, "eval_state")
+
+
+def save(acc: Accumulators, workdir: str, process: int, fingerprint: dict) -> None:
+  """Flushes pending rows to a new row file, then writes the state atomically."""
+  d = state_dir(workdir)
+  os.makedirs(d, exist_ok=True)
+  if any(acc.pending.values()):
+    name = f"p{process}_rows_{acc.pending_from:08d}-{acc.position:08d}.npz"
+    _atomic_savez(os.path.join(d, name),
+                  **{k: np.concatenate(v) for k, v in acc.pending.items() if v})
+    acc.row_files.append(name)
+  acc.pending, acc.pending_from = {}, acc.position
+
+  meta = dict(fingerprint=fingerprint, position=acc.position,
+              iterator_state=acc.iterator_state, skipped=acc.skipped,
+              elapsed_s=acc.elapsed_s, row_files=acc.row_files,
+              extremes_n=acc.extremes.n if acc.extremes else 0)
+  arrays = {"meta": np.array(json.dumps(meta)),
+            "skipped_keys": np.array(acc.skipped_keys, dtype=str)}
+  for name in ("fid_real", "fid_fake"):
+    s = getattr(acc, name)
+    if s is not None:
+      arrays.update({f"{name}_count": np.array(s.count, np.int64), f"{name}_total": s.total,
+                     f"{name}_outer": s.outer})
+  for name in ("hist_pix", "hist_sem"):
+    if getattr(acc, name) is not None:
+      arrays[name] = getattr(acc, name).counts
+  ex = acc.extremes
+  if ex is not None and len(ex.keys):
+    arrays.update(ext_keys=ex.keys, ext_psnr=ex.psnr, ext_originals=ex.originals,
+                  ext_recons=ex.recons)
+  _atomic_savez(os.path.join(d, f"p{process}_state_{acc.position:08d}.npz"), **arrays)
+  for old in saved_positions(workdir, process)[:-KEEP_STATES]:
+    os.remove(os.path.join(d, f"p{process}_state_{old:08d}.npz"))
+
+
+def saved_positions(workdir: str, process: int) -> list[int]:
+  """Positions of this process's state files, ascending."""
+  out = []
+  for path in glob.glob(os.path.join(state_dir(workdir), f"p{process}_state_*.npz")):
+    m = _STATE.search(os.path.basename(path))
+    if m and int(m.group(1)) == process:
+      out.append(int(m.group(2)))
+  return sorted(out)
+
+
+def load(workdir: str, process: int, position: int, fingerprint: dict) -> Accumulators:
+  """The state saved after `position` batches; raises `FingerprintMismatch` if the run differs."""
+  d = state_dir(workdir)
+  with np.load(os.path.join(d, f"p{process}_state_{position:08d}.npz"),
+               allow_pickle=False) as f:
+    arrays = {k: f[k] for k in f.files}
+  meta = json.loads(str(arrays["meta"]))
+  check_fingerprint(meta["fingerprint"], fingerprint, workdir)
+  acc = Accumulators(position=meta["position"], iterator_state=meta["iterator_state"],
+                     skipped={k: int(v) for k, v in meta["skipped"].items()},
+                     skipped_keys=[str(k) for k in arrays["skipped_keys"]],
+                     elapsed_s=float(meta["elapsed_s"]), row_files=list(meta["row_files"]),
+                     pending_from=meta["position"])
+  for name in ("fid_real", "fid_fake"):
+    if f"{name}_count" in arrays:
+      setattr(acc, name, fid.GaussianStats(int(arrays[f"{name}_count"]),
+                                           arrays[f"{name}_total"], arrays[f"{name}_outer"]))
+  for name in ("hist_pix", "hist_sem"):
+    if name in arrays:
+      setattr(acc, name, CodeHistogram(arrays[name]))
+  if meta["extremes_n"]:
+    acc.extremes = Extremes(meta["extremes_n"])
+    if "ext_keys" in arrays:
+      acc.extremes = Extremes(meta["extremes_n"], arrays["ext_keys"], arrays["ext_psnr"],
+                              arrays["ext_originals"], arrays["ext_recons"])
+  return acc
+
+
+def load_rows(workdir: str, acc: Accumulators) -> dict[str, np.ndarray]:
+  """All per-image rows of this process: the saved row files plus the pending rows."""
+  columns: dict[str, list[np.ndarray]] = {}
+  for name in acc.row_files:
+    with np.load(os.path.join(state_dir(workdir), name), allow_pickle=False) as f:
+      for k in f.files:
+        columns.setdefault(k, []).append(f[k])
+  for k, v in acc.pending.items():
+    columns.setdefault(k, []).extend(v)
+  return {k: np.concatenate(v) for k, v in columns.items()}
+
+
+def check_fingerprint(saved: dict, current: dict, workdir: str) -> None:
+  if saved == current:
+    return
+  diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in diff)
+  raise FingerprintMismatch(
+      f"{workdir} holds an evaluation with different settings ({details}). Use a new "
+      "--workdir, or delete its eval_state/ to start over.")
+
+
+def common_position(local_positions: list[int]) -> int | None:
+  """The newest position saved by every process (None: start from scratch)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return local_positions[-1] if local_positions else None
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = np.full((KEEP_STATES,), -1, np.int32)
+  tail = local_positions[-KEEP_STATES:]
+  mine[:len(tail)] = tail
+  every = np.asarray(multihost_utils.process_allgather(mine))
+  common = set(every[0].tolist())
+  for row in every[1:]:
+    common &= set(row.tolist())
+  common.discard(-1)
+  return max(common) if common else None

@@ -1,0 +1,1 @@
+"""Tokenizer training: recipe (stages), state, jitted step, checkpoints, metrics, the loop."""
