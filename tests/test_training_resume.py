@@ -138,3 +138,19 @@ def test_non_finite_losses_halt_without_a_nan_checkpoint(tmp_path, monkeypatch):
   last = params_at(tmp_path, saved[-1])["params"]
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(last)):
     np.testing.assert_array_equal(a, b)  # the NaN steps never touched the weights
+
+
+def test_a_finished_run_loads_as_a_tokenizer(uninterrupted):
+  """`--checkpoint WORKDIR` (CLIs) and `init.tokenizer` (MLLM) read a training run's newest
+  checkpoint: its params and EMA codebooks, exactly as saved."""
+  from dualtoken_jax import tokenizer_source  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_source.from_checkpoint(uninterrupted)
+  saved = params_at(uninterrupted, 6)
+  for name in ("params", "vq_stats"):
+    for x, y in zip(jax.tree.leaves(tok.variables[name]), jax.tree.leaves(saved[name])):
+      np.testing.assert_array_equal(x, y)
+  assert tok.config.image_size == 32
+  codes = tok.encode(np.zeros((1, 32, 32, 3), np.float32))
+  assert codes.pixel.shape == (1, 4, 4, 4)
+  with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+    tokenizer_source.from_checkpoint(uninterrupted / "nothing")

@@ -5,6 +5,10 @@
   train_step  one training step (demo and ViT-B configs), with and without LPIPS + GAN
   memory      compiled per-device memory of a training step on a simulated mesh
   evaluate    reconstruction + rFID feature pass, images/s
+  decode      MLLM decoding: KV cache vs recomputing the prefix (tiny timed, Gemma-2B-shaped
+              compile-only), and the memory of a Gemma-2B-shaped SFT step under fsdp=8
+  generate    MLLM image generation: image positions/s and s/image with and without CFG
+              (demo model timed, Gemma-2B-shaped compile-only)
 
 Each prints median times (after warm-up), XLA's FLOP and memory figures, and the achieved
 GFLOP/s as a fraction of a plain matmul measured in the same run. README figures come from here.
@@ -14,16 +18,19 @@ import importlib
 import os
 import sys
 
-BENCHMARKS = ("quantizer", "encode", "train_step", "memory", "evaluate")
+BENCHMARKS = ("quantizer", "encode", "train_step", "memory", "evaluate", "decode", "generate")
 
 
 def main(argv: list[str]) -> int:
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
     print(f"usage: python -m dualtoken_jax.bench {{{','.join(BENCHMARKS)}}} [flags]\n\n{__doc__}")
     return 0 if argv and argv[0] in ("-h", "--help") else 2
-  if argv[0] == "memory":  # simulated devices must exist before jax starts
+  if argv[0] in ("memory", "decode"):  # simulated devices must exist before jax starts
     n = next((a.split("=", 1)[1] for a in argv if a.startswith("--devices=")), "8")
-    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={n}")
+    flags = f"--xla_force_host_platform_device_count={n}"
+    if argv[0] == "memory":  # keep remat's optimisation barriers, as TPU/GPU do (memory.py)
+      flags += " --xla_disable_hlo_passes=cse_barrier_expander"
+    os.environ.setdefault("XLA_FLAGS", flags)
   module = importlib.import_module(f"dualtoken_jax.bench.{argv[0]}")
   print(module.run(argv[1:]))
   return 0

@@ -63,7 +63,7 @@ def last_valid_index(input_mask):
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "return_logits"))
 def generate(model: GemmaDecoder, params, prompt, prompt_mask, rng, *, max_new_tokens: int,
              temperature=0.0, top_k=0, top_p=1.0, eos_ids=(), pad_id=0,
-             return_logits: bool = False):
+             return_logits: bool = False, prompt_embeddings=None, prompt_attn_mask=None):
   """Samples `max_new_tokens` after each prompt row.
 
   Args:
@@ -75,6 +75,10 @@ def generate(model: GemmaDecoder, params, prompt, prompt_mask, rng, *, max_new_t
     eos_ids: a row stops after emitting one of these; its remaining tokens are `pad_id`.
     return_logits: also return the (B, max_new_tokens, V) float32 logits each new token was
       drawn from (before temperature and filters; zeros after an early stop).
+    prompt_embeddings: (B, P, D) input embeddings of the prompt, used instead of embedding
+      `prompt` (e.g. with projected image features at some positions, not scaled).
+    prompt_attn_mask: (B, P, P) prefill mask (e.g. `masks.make_attn_mask` for a prefix-LM
+      prompt); default causal over the valid tokens. New tokens are always causal.
 
   Returns:
     (B, P + max_new_tokens) int32: the prompt as given, then the new tokens (and the logits).
@@ -83,7 +87,8 @@ def generate(model: GemmaDecoder, params, prompt, prompt_mask, rng, *, max_new_t
   g = max_new_tokens
   prompt_mask = jnp.asarray(prompt_mask, bool)
   lengths = prompt_mask.sum(axis=1).astype(jnp.int32)
-  pre, cache = prefill(model, params, embed(model, params, prompt), prompt_mask, p + g)
+  x = embed(model, params, prompt) if prompt_embeddings is None else prompt_embeddings
+  pre, cache = prefill(model, params, x, prompt_mask, p + g, prompt_attn_mask)
   logits = logits_of(model, params, pre[jnp.arange(b), last_valid_index(prompt_mask)])
   tokens = jnp.concatenate([prompt.astype(jnp.int32), jnp.full((b, g), pad_id, jnp.int32)], 1)
   valid = jnp.concatenate([prompt_mask, jnp.zeros((b, g), bool)], axis=1)

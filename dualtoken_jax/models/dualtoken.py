@@ -151,6 +151,14 @@ class DualToken(nn.Module):
     return (self.quantizer_pix.embed(codes_pix).sum(axis=-2),
             self.quantizer_sem.embed(codes_sem).sum(axis=-2))
 
+  def per_depth_embeddings(self, codes_pix, codes_sem):
+    """Code embeddings per depth, not summed: (B,h,w,D,d_pix), (B,h,w,D,d_sem)."""
+    return self.quantizer_pix.embed(codes_pix), self.quantizer_sem.embed(codes_sem)
+
+  def codebooks(self):
+    """The (shared-over-depth) codebooks: (K_pix, d_pix), (K_sem, d_sem)."""
+    return self.quantizer_pix.codebook.value, self.quantizer_sem.codebook.value
+
   def semantic_from_codes(self, codes_sem):
     """Semantic codes -> post-quant semantic features (B, h*w, width)."""
     b = codes_sem.shape[0]

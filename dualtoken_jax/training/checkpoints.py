@@ -91,3 +91,52 @@ class PreemptionSignal:
   def restore(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------- reading finished runs
+def latest_step_dir(path: str | Path) -> Path:
+  """`path` itself if it is a step directory (holds `state/`), else the newest step of a
+  workdir (`path/checkpoints/<step>`) or of a checkpoint directory (`path/<step>`)."""
+  path = Path(path).absolute()
+  if (path / "state").is_dir():
+    return path
+  for root in (path / "checkpoints", path):
+    steps = sorted((int(p.name) for p in root.glob("*") if p.name.isdigit()
+                    and (p / "state").is_dir()), reverse=True) if root.is_dir() else []
+    if steps:
+      return root / str(steps[0])
+  raise FileNotFoundError(f"no training checkpoint under {path} (expected a train / train_mllm "
+                          "workdir, its checkpoints/ directory or one step directory)")
+
+
+def restore_subtrees(step_dir: Path, abstract: dict) -> dict:
+  """Restores only the state fields in `abstract` ({"params": ..., "tokenizer": ...}, leaves
+  ShapeDtypeStructs with shardings) from a training checkpoint step directory."""
+  item = Path(step_dir) / "state"
+  return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True))
+
+
+def read_meta(step_dir: Path) -> dict:
+  """The JSON metadata a training checkpoint stored ({"step", "config"})."""
+  return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(Path(step_dir) / "meta"))
+
+
+def tokenizer_from_run(path: str | Path):
+  """The tokenizer of a `dualtoken_jax.train` run (its newest checkpoint, or the step
+  directory `path`) as a `DualTokenizer`: params and EMA codebooks, without the optimiser,
+  teacher or discriminator."""
+  from dualtoken_jax.models.dualtoken import abstract_variables  # pylint: disable=g-import-not-at-top
+  from dualtoken_jax.tokenizer import DualTokenizer  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  step_dir = latest_step_dir(path)
+  config = ml_collections.ConfigDict(read_meta(step_dir)["config"])
+  if "model" not in config or "vq_pix" not in config.model:
+    raise ValueError(f"{step_dir} is not a tokenizer training checkpoint (its config has no "
+                     "model.vq_pix)")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          abstract_variables(config.model))
+  return DualTokenizer(config.model, restore_subtrees(step_dir, {
+      "params": abstract["params"], "vq_stats": abstract["vq_stats"]}))

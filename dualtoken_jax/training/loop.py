@@ -22,7 +22,7 @@ from dualtoken_jax.metrics import image_quality
 from dualtoken_jax.models import lpips as lpips_model
 from dualtoken_jax.reconstruct import side_by_side, to_uint8
 from dualtoken_jax.training import checkpoints, inputs
-from dualtoken_jax.training.loop_utils import NonFiniteGuard, NonFiniteLossError, StepTimer
+from dualtoken_jax.training.loop_utils import NonFiniteLossError, run_training_loop
 from dualtoken_jax.training import state as S
 from dualtoken_jax.training.metrics_log import MetricLogger
 from dualtoken_jax.training.step import make_train_step
@@ -80,36 +80,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       {"params": params, "vq_stats": stats}, x)["recon"])
 
   # ---------------------------------------------------------------- loop
-  last = min(config.stop_at_step or config.total_steps, config.total_steps)
-  preempt = checkpoints.PreemptionSignal()
-  guard, last_eval = NonFiniteGuard(config.max_consecutive_nonfinite), {}
-  timer = StepTimer(start, config.total_steps)
-  if start == 0:  # the starting point, so the run's improvement is visible
-    last_eval = evaluate(reconstruct, state, eval_images, 0, logger)
-  try:
-    for step in range(start, last):
-      batch = next(train_iter)
-      images = data.make_global_array(batch["image"], mesh)
-      gan = config.gan.enabled and step >= config.gan.start_step and config.loss.pixel
-      state, metrics = step_fn(gan)(state, images)
-      done = step + 1
+  def train_step(state, step, batch):
+    images = data.make_global_array(batch["image"], mesh)
+    gan = config.gan.enabled and step >= config.gan.start_step and config.loss.pixel
+    return step_fn(gan)(state, images)
 
-      guard.update(bool(metrics["finite"]), done, ckpt.latest_step())
-      if done % config.log_every_steps == 0 or done == last:
-        metrics = jax.device_get(metrics)
-        metrics.update(timer.rates(done))
-        metrics.update({f"data/skipped_{k}": v for k, v in train_iter.skipped_total.items()})
-        logger.scalars(done, metrics)
-      if done % config.eval.every_steps == 0 or done == last:
-        last_eval = evaluate(reconstruct, state, eval_images, done, logger)
-      if preempt.received or done == last:
-        ckpt.save(done, state, train_iter, _meta(config, done), force=True)
-        break
-      ckpt.save(done, state, train_iter, _meta(config, done))
-  finally:
-    ckpt.close()
-    preempt.restore()
-    logger.close()
+  _, last_eval = run_training_loop(
+      state, config=config, start=start, train_iter=train_iter, train_step=train_step,
+      run_eval=lambda state, step: evaluate(reconstruct, state, eval_images, step, logger),
+      ckpt=ckpt, logger=logger)
   return last_eval
 
 
@@ -139,8 +118,6 @@ def _lpips(config):
   return lpips_model.lpips_fn(lpips_model.load_lpips(path))
 
 
-def _meta(config, step):
-  return {"step": step, "config": config.to_dict()}
 
 
 __all__ = ["NonFiniteLossError", "evaluate", "train_and_evaluate"]

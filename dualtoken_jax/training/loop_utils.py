@@ -1,10 +1,16 @@
 """Pieces every training loop shares (tokenizer `training/loop.py`, MLLM `train_mllm.py`):
-the non-finite-step guard, the steps/s + ETA timer, and the Orbax log filter of the CLIs."""
+the step loop with its logging, evaluation and checkpoint cadence, the non-finite-step guard,
+the steps/s + ETA timer, and the Orbax log filter of the CLIs."""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Callable
+
+import jax
+
+from dualtoken_jax.training import checkpoints
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,3 +52,40 @@ class StepTimer:
 def quiet_orbax(record) -> bool:
   """absl log filter: Orbax logs every save phase at INFO; keep its warnings and errors only."""
   return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def run_training_loop(state, *, config, start: int, train_iter, train_step: Callable,
+                      run_eval: Callable, ckpt, logger) -> tuple[Any, dict]:
+  """The step loop both trainers share: steps `start`..`last` (`stop_at_step` or
+  `total_steps`), metrics every `log_every_steps` (with throughput and per-reason skip
+  totals), `run_eval(state, step)` at step 0 and every `eval.every_steps`, Orbax checkpoints
+  (forced at the last step and on preemption), a halt on repeated non-finite steps.
+  `train_step(state, step, host_batch) -> (state, metrics)`. Closes `ckpt` and `logger`.
+  Returns (state, the last evaluation)."""
+  last = min(config.stop_at_step or config.total_steps, config.total_steps)
+  preempt = checkpoints.PreemptionSignal()
+  guard = NonFiniteGuard(config.max_consecutive_nonfinite)
+  timer = StepTimer(start, config.total_steps)
+  meta = lambda step: {"step": step, "config": config.to_dict()}
+  last_eval = run_eval(state, 0) if start == 0 else {}  # the starting point, for comparison
+  try:
+    for step in range(start, last):
+      state, metrics = train_step(state, step, next(train_iter))
+      done = step + 1
+      guard.update(bool(metrics["finite"]), done, ckpt.latest_step())
+      if done % config.log_every_steps == 0 or done == last:
+        metrics = jax.device_get(metrics)
+        metrics.update(timer.rates(done))
+        metrics.update({f"data/skipped_{k}": v for k, v in train_iter.skipped_total.items()})
+        logger.scalars(done, metrics)
+      if done % config.eval.every_steps == 0 or done == last:
+        last_eval = run_eval(state, done)
+      if preempt.received or done == last:
+        ckpt.save(done, state, train_iter, meta(done), force=True)
+        break
+      ckpt.save(done, state, train_iter, meta(done))
+  finally:
+    ckpt.close()
+    preempt.restore()
+    logger.close()
+  return state, last_eval

@@ -1,0 +1,291 @@
+"""Token sequences of the MLLM: vocabulary, LLaVA conversations, image blocks, loss and masks.
+
+Layout of one example (right-padded to `max_len`):
+
+  <bos> user-turn(... <image_start> [N image positions] <image_end> ...) model-turn <eos>? ...
+
+* Text comes from a SentencePiece model file. Special tokens are pieces (`<start_of_image>`,
+  ...): a piece the model already has keeps its id (Gemma 3's image delimiters, Gemma's
+  `<unusedK>` rows), any other is appended after the SentencePiece vocabulary, in config order,
+  so new embedding rows get initialised when an LLM checkpoint is loaded.
+* Conversations are LLaVA's layout: `{"image": path, "conversations": [{"from": "human",
+  "value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}, ...]}`. The image block
+  replaces the `<image>` marker; a sample with an image but no marker gets "<image>\\n" in
+  front of its first human turn (what LLaVA's preprocessing does), in training and in chat.
+* Turns are formatted by the template (`user`/`model` strings around `{text}`). Only model
+  turns are scored: `loss_mask[t]` is True when token t is a target, predicted at t - 1.
+* Attention: `mask_ar` in PaliGemma's convention (`llm.masks.make_attn_mask`). "causal" sets
+  1 everywhere; "prefix_lm" sets 0 up to the first scored token (image and first prompt see
+  each other) and 1 from there on, so answers and later turns stay causal.
+
+Generation examples (part 2) reverse the order: the caption is the user turn and the model
+turn is `<image_gen_start> [N image positions] <image_gen_end>` inside the model template.
+`gen_mask` marks those N positions: their codes are the heads' targets (predicted from the
+hidden state one position earlier) and never enter the text loss; `<image_gen_end>` and the
+rest of the model turn are scored as text. The CFG unconditional prompt is the same layout
+with an empty caption (`build_generation_prompt(..., "")`).
+
+Image positions hold the pad id in `tokens`; the model puts projected visual vectors there
+(`image_mask`). Everything here is host-side numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from dualtoken_jax.mllm import config as mllm_config
+
+IMAGE_MARKER = "<image>"
+USER_ROLES = ("human", "user")
+MODEL_ROLES = ("gpt", "assistant", "model")
+
+
+class SkipExample(ValueError):
+  """A sample that cannot become a training example; `reason` names why (for counting)."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+# ---------------------------------------------------------------- vocabulary
+class Vocabulary:
+  """A SentencePiece model plus the special tokens, with the ids the LLM must agree on."""
+
+  def __init__(self, model_proto: bytes, special_tokens: Sequence[Sequence[str]]):
+    self._proto = model_proto
+    sp = self.processor
+    self.num_pieces = sp.get_piece_size()
+    self.special: dict[str, int] = {}
+    appended = 0
+    for name, piece in special_tokens:
+      found = sp.piece_to_id(piece)
+      if found == sp.unk_id() and piece != sp.id_to_piece(sp.unk_id()):
+        found = self.num_pieces + appended
+        appended += 1
+      self.special[name] = int(found)
+    self.size = self.num_pieces + appended
+    self.bos_id, self.eos_id = sp.bos_id(), sp.eos_id()
+    self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else 0
+    if self.bos_id < 0 or self.eos_id < 0:
+      raise ValueError(f"the SentencePiece model needs BOS and EOS pieces (bos_id "
+                       f"{self.bos_id}, eos_id {self.eos_id})")
+
+  @classmethod
+  def load(cls, path: str | Path, special_tokens=mllm_config.DEFAULT_SPECIAL_TOKENS):
+    path = Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"SentencePiece model file not found: {path}")
+    return cls(path.read_bytes(), special_tokens)
+
+  @functools.cached_property
+  def processor(self) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_proto=self._proto)
+
+  def __getstate__(self):  # picklable for grain worker processes
+    state = dict(self.__dict__)
+    state.pop("processor", None)
+    return state
+
+  @property
+  def model_proto(self) -> bytes:
+    return self._proto
+
+  def encode(self, text: str) -> list[int]:
+    return self.processor.encode(text) if text else []
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`; appended special tokens and control pieces are dropped."""
+    return self.processor.decode([int(i) for i in ids if 0 <= i < self.num_pieces])
+
+  def check_llm(self, llm) -> None:
+    """Raises ValueError if the decoder config disagrees with this vocabulary."""
+    problems = []
+    if llm.vocab_size < self.size:
+      problems.append(f"llm.vocab_size {llm.vocab_size} < {self.size} (the SentencePiece "
+                      f"model's {self.num_pieces} pieces + {self.size - self.num_pieces} "
+                      f"appended special tokens)")
+    if llm.bos_id != self.bos_id:
+      problems.append(f"llm.bos_id {llm.bos_id} but the SentencePiece BOS is {self.bos_id}")
+    if self.eos_id not in tuple(llm.eos_ids):
+      problems.append(f"llm.eos_ids {tuple(llm.eos_ids)} lack the SentencePiece EOS {self.eos_id}")
+    if problems:
+      raise ValueError("LLM config and vocabulary disagree: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------- conversations
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What turns a conversation into arrays (hashable: lives in grain transforms)."""
+  template_user: str
+  template_model: str
+  append_eos: bool
+  num_image_positions: int
+  max_len: int
+  prefix_lm: bool
+
+  @classmethod
+  def from_config(cls, config) -> "Layout":
+    t = config.text.template
+    return cls(t.user, t.model, bool(t.append_eos),
+               mllm_config.num_image_positions(config.model), int(config.data.max_len),
+               config.model.attention == "prefix_lm")
+
+
+def parse_turns(conversations: Any, has_image: bool) -> list[tuple[str, str]]:
+  """LLaVA `conversations` -> [(role "user"|"model", text)], checked; the image marker is
+  added in front of the first user turn when the sample has an image but no marker."""
+  if not isinstance(conversations, list) or not conversations:
+    raise SkipExample("bad_conversation", "conversations must be a non-empty list of turns")
+  turns = []
+  for i, turn in enumerate(conversations):
+    if not isinstance(turn, Mapping) or not isinstance(turn.get("value"), str):
+      raise SkipExample("bad_conversation", f"turn {i} must be {{'from': ..., 'value': str}}")
+    role = str(turn.get("from", "")).lower()
+    if role in USER_ROLES:
+      role = "user"
+    elif role in MODEL_ROLES:
+      role = "model"
+    else:
+      raise SkipExample("bad_conversation", f"turn {i} has role {turn.get('from')!r}; expected "
+                                            f"one of {USER_ROLES + MODEL_ROLES}")
+    expected = "user" if i % 2 == 0 else "model"
+    if role != expected:
+      raise SkipExample("bad_conversation", f"turn {i} is a {role} turn; turns must alternate "
+                                            "user, model, user, ... starting with the user")
+    turns.append((role, turn["value"]))
+  if len(turns) < 2:
+    raise SkipExample("bad_conversation", "no model turn to learn from")
+  markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
+  if has_image and markers == 0:
+    turns[0] = ("user", IMAGE_MARKER + "\n" + turns[0][1])
+  elif markers != (1 if has_image else 0):
+    raise SkipExample("bad_conversation", f"{markers} {IMAGE_MARKER} markers for "
+                                          f"{'one image' if has_image else 'no image'}")
+  return turns
+
+
+def _user_segment(vocab: Vocabulary, layout: Layout, text: str):
+  """Tokens and image flags of a formatted user turn, the marker replaced by the image block."""
+  formatted = layout.template_user.replace("{text}", text)
+  tokens, image = [], []
+  for k, part in enumerate(formatted.split(IMAGE_MARKER)):
+    if k:
+      block = ([vocab.special[mllm_config.IMAGE_START]]
+               + [vocab.pad_id] * layout.num_image_positions
+               + [vocab.special[mllm_config.IMAGE_END]])
+      tokens += block
+      image += [False] + [True] * layout.num_image_positions + [False]
+    ids = vocab.encode(part)
+    tokens += ids
+    image += [False] * len(ids)
+  return tokens, image
+
+
+def build_example(vocab: Vocabulary, layout: Layout, conversations: Any,
+                  has_image: bool) -> dict[str, np.ndarray]:
+  """One right-padded training example: tokens, image_mask, input_mask, loss_mask, mask_ar
+  (each (max_len,)). Raises SkipExample("bad_conversation" | "too_long"): a sequence longer
+  than max_len is skipped, not truncated (a cut answer would teach the model to stop early)."""
+  tokens, image, loss = [vocab.bos_id], [False], [False]
+  for role, text in parse_turns(conversations, has_image):
+    if role == "user":
+      ids, img = _user_segment(vocab, layout, text)
+      tokens += ids
+      image += img
+      loss += [False] * len(ids)
+    else:
+      ids = vocab.encode(layout.template_model.replace("{text}", text))
+      ids += [vocab.eos_id] if layout.append_eos else []
+      tokens += ids
+      image += [False] * len(ids)
+      loss += [True] * len(ids)
+  if len(tokens) > layout.max_len:  # never truncated silently: skipped and counted
+    raise SkipExample("too_long", f"{len(tokens)} tokens > max_len {layout.max_len}")
+  return pad_example(np.array(tokens, np.int32), np.array(image), np.array(loss), layout.max_len,
+                     vocab.pad_id, layout.prefix_lm)
+
+
+def _generation_turns(vocab: Vocabulary, layout: Layout, caption: str):
+  """(tokens, image flags, scored flags) of a caption turn and the model turn around the
+  generated image block."""
+  if not isinstance(caption, str):
+    raise SkipExample("bad_caption", f"caption must be a string, got {type(caption).__name__}")
+  tokens, image = _user_segment(vocab, layout, caption.replace(IMAGE_MARKER, ""))
+  loss = [False] * len(tokens)
+  before, _, after = layout.template_model.partition("{text}")
+  n = layout.num_image_positions
+  for part, block in ((before, True), (after, False)):
+    ids = vocab.encode(part)
+    tokens, image, loss = tokens + ids, image + [False] * len(ids), loss + [True] * len(ids)
+    if block:
+      tokens += ([vocab.special[mllm_config.GEN_START]] + [vocab.pad_id] * n
+                 + [vocab.special[mllm_config.GEN_END]])
+      image += [False] + [True] * n + [False]
+      loss += [True] + [False] * n + [True]
+  if layout.append_eos:
+    tokens, image, loss = tokens + [vocab.eos_id], image + [False], loss + [True]
+  return [vocab.bos_id] + tokens, [False] + image, [False] + loss
+
+
+def build_generation_example(vocab: Vocabulary, layout: Layout,
+                             caption: str) -> dict[str, np.ndarray]:
+  """One right-padded caption -> image example; like `build_example` plus `gen_mask`."""
+  tokens, image, loss = _generation_turns(vocab, layout, caption)
+  if len(tokens) > layout.max_len:
+    raise SkipExample("too_long", f"{len(tokens)} tokens > max_len {layout.max_len}")
+  out = pad_example(np.array(tokens, np.int32), np.array(image), np.array(loss), layout.max_len,
+                    vocab.pad_id, layout.prefix_lm)
+  out["gen_mask"] = out["image_mask"].copy()
+  return out
+
+
+def build_generation_prompt(vocab: Vocabulary, layout: Layout,
+                            caption: str) -> dict[str, np.ndarray]:
+  """The unpadded prompt of generation, ending with `<image_gen_start>` (whose hidden state
+  predicts the first image position): tokens, mask_ar. "" is the unconditional prompt."""
+  tokens, _, loss = _generation_turns(vocab, layout, caption)
+  end = tokens.index(vocab.special[mllm_config.GEN_START]) + 1
+  loss = np.asarray(loss[:end], bool)
+  return dict(tokens=np.array(tokens[:end], np.int32), mask_ar=mask_ar(loss, layout.prefix_lm))
+
+
+def pad_example(tokens, image, loss, max_len: int, pad_id: int, prefix_lm: bool):
+  """Arrays of one sequence of n <= max_len tokens -> the padded example dict (`gen_mask`
+  all False: understanding)."""
+  n = len(tokens)
+  out = dict(tokens=np.full(max_len, pad_id, np.int32), image_mask=np.zeros(max_len, bool),
+             input_mask=np.zeros(max_len, bool), loss_mask=np.zeros(max_len, bool),
+             mask_ar=np.ones(max_len, np.int32), gen_mask=np.zeros(max_len, bool))
+  out["tokens"][:n], out["image_mask"][:n], out["loss_mask"][:n] = tokens, image, loss
+  out["input_mask"][:n] = True
+  out["mask_ar"][:n] = mask_ar(np.asarray(loss, bool), prefix_lm)
+  return out
+
+
+def mask_ar(loss, prefix_lm: bool) -> np.ndarray:
+  """(n,) PaliGemma mask_ar: all 1 (causal), or 0 before the first scored token (prefix-LM)."""
+  out = np.ones(len(loss), np.int32)
+  if prefix_lm:
+    first = int(np.argmax(loss)) if np.any(loss) else len(loss)
+    out[:first] = 0
+  return out
+
+
+def build_prompt(vocab: Vocabulary, layout: Layout, prompt: str,
+                 has_image: bool) -> dict[str, np.ndarray]:
+  """The unpadded prompt of a chat turn (ending where the model's answer starts):
+  tokens, image_mask, mask_ar (0 everywhere for prefix-LM: the prompt is the prefix)."""
+  turns = parse_turns([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}],
+                      has_image)
+  ids, img = _user_segment(vocab, layout, turns[0][1])
+  tokens = np.array([vocab.bos_id] + ids, np.int32)
+  n = len(tokens)
+  return dict(tokens=tokens, image_mask=np.array([False] + img),
+              mask_ar=np.zeros(n, np.int32) if layout.prefix_lm else np.ones(n, np.int32))
