@@ -88,6 +88,9 @@ def tokenizer_config(*, vision, image_size, layer_recon, layer_sem, layer_shortc
       scan_layers=False,
       remat_policy="none",
       dtype="float32",
+      # Queries per attention block in the image tower and the projections (0 = all at once):
+      # the same result without a full (B, heads, tokens, tokens) map (training memory).
+      attention_chunk=0,
   ))
 
 

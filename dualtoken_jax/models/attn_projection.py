@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from dualtoken_jax.models.chunked_attention import query_chunked
+
 Dtype = Any
 # PyTorch's default Linear init (kaiming-uniform, a=sqrt(5)) is U(+-1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -38,6 +40,7 @@ class ProjectionAttention(nn.Module):
   num_heads: int
   causal: bool
   dtype: Dtype = jnp.float32
+  attention_chunk: int = 0  # queries per attention block; 0 = all at once
 
   @nn.compact
   def __call__(self, x):
@@ -51,7 +54,8 @@ class ProjectionAttention(nn.Module):
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, head_dim), 3, axis=2)
     mask = nn.make_causal_mask(jnp.ones((b, n), bool)) if self.causal else None
-    y = nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask=mask, dtype=self.dtype)
+    attend = query_chunked(self.attention_chunk)
+    y = attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask=mask, dtype=self.dtype)
     if in_dim > self.out_dim:
       y = jnp.mean(y, axis=2)  # (b, n, head_dim): the heads vote on the low-dim vector
       if head_dim != self.out_dim:
@@ -82,6 +86,7 @@ class AttnProjection(nn.Module):
   causal: bool = False
   mlp_ratio: int = 2
   dtype: Dtype = jnp.float32
+  attention_chunk: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -89,6 +94,6 @@ class AttnProjection(nn.Module):
     y = nn.Dense(self.out_dim, kernel_init=torch_linear_init, dtype=self.dtype, name="proj")(
         ln(name="norm3")(x))
     y = y + ProjectionAttention(self.out_dim, self.num_heads, self.causal, dtype=self.dtype,
-                                name="attn")(ln(name="norm1")(x))
+                                attention_chunk=self.attention_chunk, name="attn")(ln(name="norm1")(x))
     return y + GeGluMlp(self.out_dim * self.mlp_ratio, dtype=self.dtype, name="mlp")(
         ln(name="norm2")(y))

@@ -12,6 +12,7 @@ Taps are block-range boundaries, so no layer's activation is kept beyond its use
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -34,7 +35,7 @@ def vision_tower(config, **overrides) -> VisionTower:
             depth=v.depth, mlp_dim=v.mlp_dim, num_heads=v.num_heads,
             layer_norm_eps=v.layer_norm_eps, scan=config.scan_layers,
             remat_policy=model_config.REMAT_POLICIES[config.remat_policy],
-            dtype=jnp.dtype(config.dtype))
+            dtype=jnp.dtype(config.dtype), attention_chunk=config.get("attention_chunk", 0))
   kw.update(overrides)
   return VisionTower(**kw)
 
@@ -67,12 +68,17 @@ class DualToken(nn.Module):
 
     pix, sem = c.vq_pix, c.vq_sem
     heads = lambda q: model_config.projection_heads(c, q.embed_dim)
-    self.prequant_pix = AttnProjection(pix.embed_dim, heads(pix), dtype=dtype)
+    # The projections attend with width/32 heads (36 at So400m) over all tokens: their attention
+    # maps outweigh a ViT block's, so they follow the tower's remat policy.
+    cls = (nn.remat(AttnProjection, policy=getattr(jax.checkpoint_policies, remat)) if remat
+           else AttnProjection)
+    proj = functools.partial(cls, attention_chunk=c.get("attention_chunk", 0))
+    self.prequant_pix = proj(pix.embed_dim, heads(pix), dtype=dtype)
     if c.layer_shortcut is not None:
-      self.prequant_shortcut = AttnProjection(pix.embed_dim, heads(pix), dtype=dtype)
-    self.prequant_sem = AttnProjection(sem.embed_dim, heads(sem), dtype=dtype)
-    self.postquant_pix = AttnProjection(v.width, heads(pix), causal=True, dtype=dtype)
-    self.postquant_sem = AttnProjection(v.width, heads(sem), causal=True, dtype=dtype)
+      self.prequant_shortcut = proj(pix.embed_dim, heads(pix), dtype=dtype)
+    self.prequant_sem = proj(sem.embed_dim, heads(sem), dtype=dtype)
+    self.postquant_pix = proj(v.width, heads(pix), causal=True, dtype=dtype)
+    self.postquant_sem = proj(v.width, heads(sem), causal=True, dtype=dtype)
     self.quantizer_pix = _quantizer(pix)
     self.quantizer_sem = _quantizer(sem)
     d = c.decoder

@@ -14,8 +14,14 @@ LAYERS_AXIS = "layers"
 
 
 def boxed(init, names):
-  """`init` whose result carries logical axis `names` (None = unnamed axis)."""
-  return nn.with_logical_partitioning(init, tuple(names))
+  """`init` whose result carries logical axis `names` (None = unnamed axis).
+
+  The names only place parameters (via `sharding.tree_specs`); unboxing never constrains them
+  (`rules=()`). Parameters arrive sharded by jit's in_shardings anyway, and Flax's own
+  constraint at unbox breaks under active activation rules: DenseGeneral (attention) unboxes
+  its kernel at a flattened rank, and the scanned tower's vmapped init at a per-block rank.
+  """
+  return nn.with_logical_partitioning(init, tuple(names), rules=())
 
 
 def add_layers_axis(stacked_params):

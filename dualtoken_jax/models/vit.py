@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dualtoken_jax.models import partitioning as P
+from dualtoken_jax.models.chunked_attention import query_chunked
 
 Dtype = Any
 
@@ -42,11 +43,14 @@ class MlpBlock(nn.Module):
     return x
 
 
-def attention(num_heads: int, dtype: Dtype, name: str) -> nn.MultiHeadDotProductAttention:
-  """Flax MHA with big_vision's kernel layout (query (D,H,hd), out (H,hd,D)) and logical axes."""
+def attention(num_heads: int, dtype: Dtype, name: str,
+              query_chunk: int = 0) -> nn.MultiHeadDotProductAttention:
+  """Flax MHA with big_vision's kernel layout (query (D,H,hd), out (H,hd,D)) and logical axes;
+  `query_chunk` > 0 computes the attention that many queries at a time (same result)."""
   xavier = nn.initializers.xavier_uniform()
   return nn.MultiHeadDotProductAttention(
       num_heads=num_heads, dtype=dtype, deterministic=True, name=name,
+      attention_fn=query_chunked(query_chunk),
       kernel_init=P.boxed(xavier, ("embed", "heads", "kv")),
       bias_init=P.boxed(nn.initializers.zeros, ("heads", "kv")),
       out_kernel_init=P.boxed(xavier, ("heads", "kv", "embed")),
@@ -59,6 +63,7 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   layer_norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  attention_chunk: int = 0
 
   @nn.compact
   def __call__(self, x):
@@ -67,7 +72,8 @@ class Encoder1DBlock(nn.Module):
                            scale_init=P.boxed(nn.initializers.ones, ("norm",)),
                            bias_init=P.boxed(nn.initializers.zeros, ("norm",)))
     y = ln(name="LayerNorm_0")(x)
-    y = attention(self.num_heads, self.dtype, "MultiHeadDotProductAttention_0")(y, y)
+    y = attention(self.num_heads, self.dtype, "MultiHeadDotProductAttention_0",
+                  self.attention_chunk)(y, y)
     x = x + y
     y = ln(name="LayerNorm_1")(x)
     y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
@@ -88,6 +94,7 @@ class Encoder(nn.Module):
   scan: bool = False
   remat_policy: str | None = None  # a `jax.checkpoint_policies` name; None = no remat
   dtype: Dtype = jnp.float32
+  attention_chunk: int = 0  # queries per attention block; 0 = all at once
 
   def setup(self):
     if self.scan:
@@ -95,10 +102,12 @@ class Encoder(nn.Module):
     else:
       cls = Encoder1DBlock
       if self.remat_policy:
-        cls = nn.remat(cls, policy=getattr(jax.checkpoint_policies, self.remat_policy),
-                       prevent_cse=False)
+        # Outside a scan the optimisation barriers are what stop XLA from merging the
+        # recomputation back into the forward pass (prevent_cse=False suits scans only).
+        cls = nn.remat(cls, policy=getattr(jax.checkpoint_policies, self.remat_policy))
       self.blocks = [cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                          layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                         attention_chunk=self.attention_chunk,
                          name=f"encoderblock_{i}") for i in range(self.depth)]
     self.encoder_norm = nn.LayerNorm(
         epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm",
@@ -138,7 +147,8 @@ class Encoder(nn.Module):
   def _unbound_block(self):
     # parent=None: a free-standing module whose params the scan passes in explicitly.
     return Encoder1DBlock(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                          layer_norm_eps=self.layer_norm_eps, dtype=self.dtype, parent=None)
+                          layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                          attention_chunk=self.attention_chunk, parent=None)
 
   def _init_stacked(self, rng):
     """All blocks' params stacked on axis 0, with the logical axis name "layers" prepended."""
@@ -186,6 +196,7 @@ class VisionTower(nn.Module):
   scan: bool = False
   remat_policy: str | None = None
   dtype: Dtype = jnp.float32
+  attention_chunk: int = 0
 
   def setup(self):
     p = self.patch_size
@@ -199,7 +210,7 @@ class VisionTower(nn.Module):
     self.Transformer = Encoder(
         width=self.width, depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         layer_norm_eps=self.layer_norm_eps, scan=self.scan, remat_policy=self.remat_policy,
-        dtype=self.dtype)
+        dtype=self.dtype, attention_chunk=self.attention_chunk)
     self.MAPHead_0 = MAPHead(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                              layer_norm_eps=self.layer_norm_eps, dtype=self.dtype)
 

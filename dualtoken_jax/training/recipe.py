@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from dualtoken_jax import model_config
 from dualtoken_jax import sharding
 
 _TOWERS_NOT_TRAINED = [r"txt/.*", r"t", r"b"]  # text tower, logit scale/bias
@@ -46,7 +47,9 @@ def loss_config(stage: int) -> ml_collections.ConfigDict:
       mse=5.0,
       lpips=1.0,
       lpips_weights="",        # an .npz from `python -m dualtoken_jax.convert_lpips`; "" = no LPIPS
-      lpips_remat=False,       # recompute LPIPS's VGG16 in the backward pass (saves memory)
+      # Images per batch shard that the decoder, LPIPS and D process at a time (0 = the whole
+      # batch): same values and gradients, memory of a chunk instead of the batch.
+      pixel_chunk=0,
   ))
 
 
@@ -95,15 +98,23 @@ def training_config(model: ml_collections.ConfigDict, *, stage: int = 1, batch_s
   return c
 
 
+def attention_chunk(tokens: int) -> int:
+  """Queries per attention block: the smallest divisor of `tokens` that is at least a ninth of
+  them (81 of 729 at 384 px, 32 of 256 at 256 px), so no block is padding."""
+  return min(d for d in range(1, tokens + 1) if tokens % d == 0 and d >= tokens // 9)
+
+
 def paper_recipe(model: ml_collections.ConfigDict, stage: int = 1) -> ml_collections.ConfigDict:
   """The reference's run (spec B.4): CC12M shards, batch 256, 20 epochs of 10M images, SigLIP
   weights from `--config.init.siglip`; bf16 compute with fp32 weights and rematerialisation so
-  the So400m step fits a 16 GiB chip under fsdp=8 (see `python -m dualtoken_jax.bench memory`)."""
+  the So400m step fits a 16 GiB chip under fsdp=8 (see `python -m dualtoken_jax.bench memory`).
+  None of the memory settings changes what is computed, only when and how much at a time."""
   c = training_config(model, stage=stage, batch_size=256, total_steps=781_250, steps_per_epoch=39_063)
   c.model.dtype = "bfloat16"
   c.model.scan_layers, c.model.remat_policy = True, "full"
   c.model.decoder.remat = True
-  c.loss.lpips_remat = True
+  c.model.attention_chunk = attention_chunk(model_config.tokens_per_image(model))
+  c.loss.pixel_chunk = 2  # images per device at a time; the full-resolution maps dominate at 384 px
   c.data.source = "webdataset"
   c.data.path = "cc12m-train-{0000..2175}.tar"  # point at your copy: --config.data.path=gs://…
   return c

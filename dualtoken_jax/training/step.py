@@ -7,10 +7,13 @@ Loss (spec B.3, weights from `config.loss`):
   L_nll = MSE + lpips·LPIPS (unweighted MSE), λ a constant for the gradient.
 The discriminator then takes one step on the same, detached x̂. A step whose loss or gradients
 are not finite changes nothing (its `finite` metric is 0); the loop counts and halts on those.
+The decoder and the pixel terms run in `pixel_loss.py` (in batch chunks, `loss.pixel_chunk`),
+and activations follow the config's logical sharding rules (`activation_sharding`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -21,8 +24,9 @@ import optax
 from dualtoken_jax.losses import gan as G
 from dualtoken_jax.losses import semantic as S
 from dualtoken_jax.metrics import codebook_stats
-from dualtoken_jax.models.dualtoken import vision_tower
+from dualtoken_jax.models.dualtoken import DualToken, vision_tower
 from dualtoken_jax.models.pixel_decoder import apply_conv_out
+from dualtoken_jax.training import pixel_loss as PL
 from dualtoken_jax.training.state import Modules, TrainState
 
 Metrics = dict[str, jax.Array]
@@ -37,6 +41,24 @@ def teacher_features(tower, teacher_params, images, layer_sem: int):
   return jax.lax.stop_gradient(tokens), jax.lax.stop_gradient(pooled)
 
 
+def activation_sharding(config, images, mesh=None):
+  """Context in which the models' activation constraints (`act_batch`, ...) take effect: the
+  mesh (default: the one `images` is laid out on inside jit) and the config's logical rules.
+
+  Without it Flax's `with_logical_constraint` is a no-op, and XLA shards the ViT's activations
+  like its FSDP weights: every device then holds (and computes) the *global* batch's attention
+  maps — at So400m-384 that alone is ~8x the activation memory a device should need.
+  """
+  if mesh is None:
+    mesh = getattr(jax.typeof(images).sharding, "mesh", None)
+  if mesh is None or mesh.empty:
+    return contextlib.nullcontext()
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh)))
+  stack.enter_context(nn.logical_axis_rules([tuple(r) for r in config.sharding_rules]))
+  return stack
+
+
 def adaptive_weight(conv_params, conv_input, recon, nll_fn, g_fn, lo, hi):
   """λ from the gradients of L_nll and L_G w.r.t. conv_out's kernel, via conv_out's input."""
   h = jax.lax.stop_gradient(conv_input)
@@ -49,36 +71,31 @@ def adaptive_weight(conv_params, conv_input, recon, nll_fn, g_fn, lo, hi):
   return G.adaptive_gan_weight(g_nll, g_gen, lo, hi)
 
 
-def make_train_step(modules: Modules, lpips: Callable | None, with_gan: bool) -> Callable:
-  """(state, images) -> (state, metrics). `lpips`: (x̂, x) -> (B,) distances, or None."""
+def make_train_step(modules: Modules, lpips: Callable | None, with_gan: bool, mesh=None) -> Callable:
+  """(state, images) -> (state, metrics). `lpips`: (x̂, x) -> (B,) distances, or None. `mesh`:
+  where activations are sharded (default: the mesh `images` arrive on)."""
   config = modules.config
   loss_cfg, gan_cfg = config.loss, config.gan
   weights = S.SemanticWeights(**loss_cfg.semantic)
   model, disc = modules.model, modules.discriminator
   tower = vision_tower(config.model)
   update_codebooks = tuple(config.update_codebooks)
-  lpips_w = loss_cfg.lpips if lpips is not None else 0.0
-  if lpips is not None and loss_cfg.get("lpips_remat", False):
-    lpips = jax.checkpoint(lpips)  # keep only its inputs; recompute VGG16 in the backward pass
-
-  def pixel_terms(recon, images):
-    mse = jnp.mean((recon - images) ** 2)
-    lp = jnp.mean(lpips(recon, images)) if lpips is not None else jnp.zeros(())
-    return mse, lp
-
-  def nll(recon, images):  # the *unweighted* MSE + LPIPS the adaptive weight balances against
-    mse, lp = pixel_terms(recon, images)
-    return mse + lpips_w * lp
+  # Images per batch shard that the decoder, LPIPS and D see at a time (0 = all), and whether
+  # the decoder's activations are recomputed in the backward pass (see pixel_loss.py).
+  chunk, remat = loss_cfg.get("pixel_chunk", 0), config.model.decoder.get("remat", False)
 
   def step(state: TrainState, images) -> tuple[TrainState, Metrics]:
+    with activation_sharding(config, images, mesh):
+      return sharded_step(state, images)
+
+  def sharded_step(state: TrainState, images) -> tuple[TrainState, Metrics]:
     key, vq_key = jax.random.split(state.key())
     t_tokens, t_pooled = teacher_features(tower, state.teacher, images, config.model.layer_sem)
 
     def loss_fn(params):
       variables = {"params": params, "vq_stats": state.vq_stats}
       out, updates = model.apply(variables, images, train=True, update_codebooks=update_codebooks,
-                                 decode=loss_cfg.pixel, mutable=["vq_stats", "intermediates"],
-                                 rngs={"vq": vq_key})
+                                 decode=False, mutable=["vq_stats"], rngs={"vq": vq_key})
       sem, parts = S.semantic_loss(out["zq_sem"], t_tokens, out["pooled"], t_pooled, weights)
       total = (loss_cfg.sem_weight * sem + loss_cfg.commit_pix * out["quant_loss_pix"]
                + loss_cfg.commit_sem * out["quant_loss_sem"])
@@ -86,19 +103,18 @@ def make_train_step(modules: Modules, lpips: Callable | None, with_gan: bool) ->
              "loss/commit_sem": out["quant_loss_sem"], **{f"semantic/{k}": v for k, v in parts.items()}}
       recon = None
       if loss_cfg.pixel:
-        recon = out["recon"]
-        mse, lp = pixel_terms(recon, images)
-        total = total + loss_cfg.mse * mse + lpips_w * lp
-        aux.update({"loss/mse": mse, "loss/lpips": lp})
-        if with_gan:
-          g_fn = lambda r: G.generator_loss(disc.apply({"params": state.disc_params}, r))
-          g_loss = g_fn(recon)
-          conv_in = updates["intermediates"]["decoder"]["conv_out_input"][0]
-          lam = adaptive_weight(params["decoder"]["conv_out"], conv_in, recon,
-                                lambda r: nll(r, images), g_fn, gan_cfg.adaptive_min,
-                                gan_cfg.adaptive_max)
-          total = total + gan_cfg.weight * lam * g_loss
-          aux.update({"loss/generator": g_loss, "gan/adaptive_weight": lam})
+        def decode(zq_pix):
+          recon, sown = model.apply(variables, zq_pix, train=True, method=DualToken.decode,
+                                    mutable=["intermediates"])
+          return recon, sown["intermediates"]["decoder"]["conv_out_input"][0]
+
+        disc_fn = (lambda r: disc.apply({"params": state.disc_params}, r)) if with_gan else None
+        pixel, pixel_metrics, recon = PL.pixel_loss(
+            decode, out["zq_pix"], images, conv_out_params=params["decoder"]["conv_out"],
+            lpips=lpips, disc_fn=disc_fn, loss_cfg=loss_cfg, gan_cfg=gan_cfg, chunk=chunk,
+            remat=remat)
+        total = total + pixel
+        aux.update(pixel_metrics)
       aux["loss/total"] = total
       return total, (aux, updates["vq_stats"], out, recon)
 
@@ -114,11 +130,8 @@ def make_train_step(modules: Modules, lpips: Callable | None, with_gan: bool) ->
     if with_gan:
       d_weight = jnp.where(state.step // config.steps_per_epoch == gan_cfg.start_step // config.steps_per_epoch,
                            gan_cfg.start_epoch_d_weight, gan_cfg.d_weight)
-      def d_loss_fn(dp):
-        real = disc.apply({"params": dp}, images)
-        fake = disc.apply({"params": dp}, jax.lax.stop_gradient(recon))
-        return G.discriminator_loss(real, fake, weight=d_weight), (jnp.mean(real), jnp.mean(fake))
-      (d_loss, (real, fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(disc_params)
+      d_loss, d_grads, real, fake = PL.discriminator_grads(
+          lambda dp, x: disc.apply({"params": dp}, x), disc_params, images, recon, d_weight, chunk)
       d_updates, disc_opt_state = modules.disc_tx().update(d_grads, disc_opt_state, disc_params)
       disc_params = optax.apply_updates(disc_params, d_updates)
       finite = finite & jnp.isfinite(d_loss)
