@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from dualtoken_jax.mllm.chat import ChatModel
+from dualtoken_jax.reconstruct import to_uint8
 
 
 def image_paths(out: Path, n: int) -> list[Path]:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
   target = Path(args.out)
   target.parent.mkdir(parents=True, exist_ok=True)
   for path, image in zip(image_paths(target, args.n), out["images"]):
-    Image.fromarray(np.round((image + 1.0) * 127.5).clip(0, 255).astype(np.uint8)).save(path)
+    Image.fromarray(to_uint8(image)).save(path)
     print(f"wrote {path}")
   codes = target.with_name(f"{target.stem}_codes.npz")
   np.savez(codes, pixel=out["codes_pixel"], semantic=out["codes_semantic"],

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 from dualtoken_jax.data import load_image, sample_photos
 from dualtoken_jax.mllm import generation
 from dualtoken_jax.mllm import projector as V
+from dualtoken_jax.reconstruct import to_uint8
 
 # What each bundled photo shows; the understanding task names it, the captions draw it.
 ANSWERS = {
@@ -171,9 +172,8 @@ def _psnr(x, y) -> float:
 
 def _sheet(rows, scale: int = 2) -> Image.Image:
   """caption | generated | the captioned photo decoded from its own codes | nearest photo."""
-  to_pil = lambda x: Image.fromarray(
-      np.round((np.asarray(x) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)).resize(
-          (x.shape[1] * scale, x.shape[0] * scale), Image.NEAREST)
+  to_pil = lambda x: Image.fromarray(to_uint8(x)).resize(
+      (x.shape[1] * scale, x.shape[0] * scale), Image.NEAREST)
   side = rows[0][1].shape[0] * scale
   text_w, pad = 200, 4
   sheet = Image.new("RGB", (text_w + 3 * (side + pad) + pad, len(rows) * (side + pad) + pad),
