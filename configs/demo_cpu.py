@@ -11,8 +11,8 @@ matching model config (e.g. configs/dualtoken_so400m.py).
 import ml_collections
 
 from dualtoken_jax import config_files
-from dualtoken_jax import model_config as mc
-from dualtoken_jax.training import recipe
+from dualtoken_jax.models import config as mc
+from dualtoken_jax.tokenizer_training import recipe
 
 
 def get_config(arg=None):

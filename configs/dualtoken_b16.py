@@ -2,8 +2,8 @@
 benchmark config. Taps follow the paper's "first quarter" rule for 12 blocks (recon 3, sem 11).
 """
 
-from dualtoken_jax import model_config as mc
-from dualtoken_jax.training import recipe
+from dualtoken_jax.models import config as mc
+from dualtoken_jax.tokenizer_training import recipe
 
 
 def get_config(arg=None):

@@ -5,8 +5,8 @@ block (23), as in VILA-U; the shortcut keeps the reference's block 4 with weight
 """
 
 from dualtoken_jax import config_files
-from dualtoken_jax import model_config as mc
-from dualtoken_jax.training import recipe
+from dualtoken_jax.models import config as mc
+from dualtoken_jax.tokenizer_training import recipe
 
 
 def get_config(arg=None):

@@ -4,12 +4,12 @@ config) or `:res=256` (/16, 16x16 grid, depth 4; the reference's 256 config).
 The headline numbers (rFID 0.25, zero-shot 82.0) used SigLIP v1 So400m/14-384 weights; the
 released code points at SigLIP2 So400m/14-384 (same architecture, 256k-token text tower). The
 paper also trained the 256-px backbone with depth 8: add `,depth=8`. `stage` (0, 1, 2) picks
-the training recipe's stage (see dualtoken_jax/training/recipe.py).
+the training recipe's stage (see dualtoken_jax/tokenizer_training/recipe.py).
 """
 
 from dualtoken_jax import config_files
-from dualtoken_jax import model_config as mc
-from dualtoken_jax.training import recipe
+from dualtoken_jax.models import config as mc
+from dualtoken_jax.tokenizer_training import recipe
 
 
 def get_config(arg=None):

@@ -5,8 +5,8 @@ For demos, tests and CI; not a model anyone should train for quality.
 
 import ml_collections
 
-from dualtoken_jax import model_config as mc
-from dualtoken_jax.training import recipe
+from dualtoken_jax.models import config as mc
+from dualtoken_jax.tokenizer_training import recipe
 
 
 def get_config(arg=None):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dualtoken_jax.mllm.chat import ChatModel
+from dualtoken_jax.mllm.inference import UnifiedModel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--spm_model", help="SentencePiece model (default: the run's own copy)")
   args = p.parse_args(argv)
   try:
-    model = ChatModel.from_checkpoint(args.checkpoint, spm_model=args.spm_model)
+    model = UnifiedModel.from_checkpoint(args.checkpoint, spm_model=args.spm_model)
     print(model.answer(args.prompt, args.image, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        seed=args.seed))

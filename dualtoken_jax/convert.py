@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dualtoken_jax import model_config
-from dualtoken_jax import tokenizer_source
+from dualtoken_jax.models import config as model_config
+from dualtoken_jax.cli import tokenizer_flags as tokenizer_source
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ import json
 import sys
 
 from dualtoken_jax import config_files
-from dualtoken_jax import tokenizer_source
+from dualtoken_jax.cli import tokenizer_flags as tokenizer_source
 from dualtoken_jax.evaluation import runner
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dualtoken_jax.mllm.chat import ChatModel
+from dualtoken_jax.mllm.inference import UnifiedModel
 from dualtoken_jax.reconstruct import to_uint8
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--spm_model", help="SentencePiece model (default: the run's own copy)")
   args = p.parse_args(argv)
   try:
-    model = ChatModel.from_checkpoint(args.checkpoint, spm_model=args.spm_model)
+    model = UnifiedModel.from_checkpoint(args.checkpoint, spm_model=args.spm_model)
     out = model.generate_images(
         args.prompt, args.n, cfg_scale=args.cfg_scale or None, temperature=args.temperature,
         top_k=args.top_k or None, top_p=args.top_p, seed=args.seed)

@@ -16,8 +16,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dualtoken_jax import image_inputs
-from dualtoken_jax import tokenizer_source
+from dualtoken_jax.data import image_inputs
+from dualtoken_jax.cli import tokenizer_flags as tokenizer_source
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

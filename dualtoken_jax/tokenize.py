@@ -17,9 +17,9 @@ import sys
 import numpy as np
 import tqdm
 
-from dualtoken_jax import code_shards
-from dualtoken_jax import image_inputs
-from dualtoken_jax import tokenizer_source
+from dualtoken_jax.data import code_shards
+from dualtoken_jax.data import image_inputs
+from dualtoken_jax.cli import tokenizer_flags as tokenizer_source
 
 
 def main(argv: list[str] | None = None) -> int:

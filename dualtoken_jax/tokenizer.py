@@ -22,13 +22,14 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dualtoken_jax import model_config
+from dualtoken_jax.models import config as model_config
 from dualtoken_jax.bridges import flat as F
 from dualtoken_jax.bridges import reference
 from dualtoken_jax.bridges import rules as R
 from dualtoken_jax.bridges import siglip
 from dualtoken_jax.bridges.tensor_files import read_tensors, write_safetensors
 from dualtoken_jax.models.dualtoken import DualToken, abstract_variables, init_variables
+from dualtoken_jax.training import checkpoints
 
 
 @flax.struct.dataclass
@@ -84,6 +85,28 @@ class DualTokenizer:
     abstract = abstract_variables(config)
     variables = ocp.StandardCheckpointer().restore(path / "state", abstract)
     return cls(config, variables)
+
+  @classmethod
+  def from_training_run(cls, path: str | os.PathLike) -> "DualTokenizer":
+    """The tokenizer of a `dualtoken_jax.train` run (its newest checkpoint, or the step
+    directory `path`): params and EMA codebooks, without optimiser, teacher or discriminator."""
+    step_dir = checkpoints.latest_step_dir(path)
+    config = ml_collections.ConfigDict(checkpoints.read_meta(step_dir)["config"])
+    if "model" not in config or "vq_pix" not in config.model:
+      raise ValueError(f"{step_dir} is not a tokenizer training checkpoint (its config has no "
+                       "model.vq_pix)")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            abstract_variables(config.model))
+    return cls(config.model, checkpoints.restore_subtrees(step_dir, {
+        "params": abstract["params"], "vq_stats": abstract["vq_stats"]}))
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "DualTokenizer":
+    """A `save`d tokenizer directory, or a tokenizer training run (workdir or step directory)."""
+    if (Path(path) / "config.json").is_file():
+      return cls.from_pretrained(path)
+    return cls.from_training_run(path)
 
   @classmethod
   def from_siglip(cls, config, siglip_path: str | os.PathLike, seed: int = 0) -> "DualTokenizer":

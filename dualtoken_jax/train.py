@@ -7,27 +7,32 @@
 Re-running the same command on an existing workdir resumes from its newest checkpoint.
 """
 
-from absl import app
-from absl import flags
+from __future__ import annotations
+
+from absl import app, flags
 from absl import logging
 from ml_collections import config_flags
 
-from dualtoken_jax.training.loop import train_and_evaluate
-from dualtoken_jax.training.loop_utils import quiet_orbax
+from dualtoken_jax.cli import logs
+from dualtoken_jax.tokenizer_training.train import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and images go")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def define_flags() -> None:
+  """--config (a config file, `--config.x.y=...` overrides) and --workdir. Defined when run as a
+  program, not on import, so that importing this module has no side effects."""
+  config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+  flags.DEFINE_string("workdir", None, "where checkpoints, metrics and images go")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().python_handler.addFilter(quiet_orbax)
-  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logs.setup()
+  result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   if result:
     logging.info("final evaluation: %s", result)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

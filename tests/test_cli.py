@@ -8,7 +8,9 @@ from conftest import FIXTURES
 from PIL import Image
 from safetensors.numpy import load_file
 
-from dualtoken_jax import DualTokenizer, code_shards, convert, reconstruct, tokenize
+from dualtoken_jax import DualTokenizer, convert, reconstruct, tokenize
+
+from dualtoken_jax.data import code_shards
 from dualtoken_jax.data import load_image, sample_photos
 
 REF = FIXTURES / "dualtoken_ref_a"

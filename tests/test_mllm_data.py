@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import mllm_testdata as T
-from dualtoken_jax import code_shards, config_files, tokenize
+from dualtoken_jax import config_files, tokenize
+from dualtoken_jax.data import code_shards
 from dualtoken_jax.data import load_image
 from dualtoken_jax.mllm import caption_data as CD
 from dualtoken_jax.mllm import data as D

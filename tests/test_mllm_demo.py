@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from dualtoken_jax import config_files, generate
-from dualtoken_jax.train_mllm import train_and_evaluate
+from dualtoken_jax.mllm.train import train_and_evaluate
 from dualtoken_jax.training.metrics_log import read_jsonl
 
 STEPS = 100

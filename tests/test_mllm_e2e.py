@@ -14,8 +14,8 @@ import pytest
 import mllm_testdata as T
 from dualtoken_jax import chat, config_files, tokenize
 from dualtoken_jax.mllm import state as S
-from dualtoken_jax.mllm.chat import ChatModel
-from dualtoken_jax.train_mllm import train_and_evaluate
+from dualtoken_jax.mllm.inference import UnifiedModel
+from dualtoken_jax.mllm.train import train_and_evaluate
 from dualtoken_jax.training import checkpoints
 from dualtoken_jax.training.metrics_log import read_jsonl
 
@@ -81,7 +81,7 @@ def test_chat_cli_answers_with_the_trained_model(trained):
       code = chat.main(["--checkpoint", str(workdir), "--image", T.photos()[key],
                         "--prompt", T.HELD_OUT_QUESTION, "--max_new_tokens", "8"])
     assert code == 0 and out.getvalue().strip() == T.ANSWERS[key]
-  model = ChatModel.from_checkpoint(workdir)
+  model = UnifiedModel.from_checkpoint(workdir)
   photo = T.photos()["skimage/coffee.png"]
   sample = lambda seed: model.answer(T.HELD_OUT_QUESTION, photo, temperature=1.0, top_k=5,
                                      top_p=0.9, seed=seed, max_new_tokens=8)

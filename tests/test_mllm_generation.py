@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 import mllm_testdata as T
-from dualtoken_jax import config_files, sharding
+from dualtoken_jax import config_files
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.llm import sampling
 from dualtoken_jax.mllm import config as C
 from dualtoken_jax.mllm import generation, sequence
 from dualtoken_jax.mllm import state as S
-from dualtoken_jax.mllm.chat import ChatModel
+from dualtoken_jax.mllm.inference import UnifiedModel
 from dualtoken_jax.mllm.depth_head import DepthHead, cross_entropy
 from dualtoken_jax.mllm.model import DualTokenMLLM
 
@@ -31,7 +32,7 @@ def chat(tmp_path_factory):
                                                   mesh))
   spm = T.train_spm(tmp_path_factory.mktemp("spm") / "t.model", T.corpus())
   vocab = sequence.Vocabulary.load(spm, config.model.special_tokens)
-  return ChatModel(config, state.params, state.tokenizer, vocab)
+  return UnifiedModel(config, state.params, state.tokenizer, vocab)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -140,7 +141,7 @@ def test_sharded_sampling_equals_single_device(chat):
   shardings = sharding.named(S.state_specs(modules, abstract, boxed, mesh), mesh)
   specs = " ".join(str(s.spec) for s in jax.tree.leaves(shardings.params))
   assert "fsdp" in specs and "tensor" in specs
-  sharded = ChatModel(chat.config, jax.device_put(chat.params, shardings.params),
+  sharded = UnifiedModel(chat.config, jax.device_put(chat.params, shardings.params),
                       jax.device_put(chat.tokenizer_variables, shardings.tokenizer), chat.vocab)
   out = sharded.generate_images("a photo of a cat", 4, seed=2, temperature=0.7)
   for k in ("codes_pixel", "codes_semantic"):

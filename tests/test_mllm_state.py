@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import mllm_testdata as T
-from dualtoken_jax import config_files, sharding
+from dualtoken_jax import config_files
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.bridges.tensor_files import CheckpointError
 from dualtoken_jax.llm import GemmaLM, hf_bridge, layout, orbax_bridge
 from dualtoken_jax.llm import config as llm_config

@@ -11,7 +11,8 @@ import optax
 import pytest
 
 import mllm_testdata as T
-from dualtoken_jax import config_files, sharding
+from dualtoken_jax import config_files
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.data import load_image
 from dualtoken_jax.llm import layout
 from dualtoken_jax.mllm import data as D

@@ -8,14 +8,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dualtoken_jax import config_files, sharding
+from dualtoken_jax import config_files
+
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.losses import gan as G
 from dualtoken_jax.models import lpips as lpips_model
 from dualtoken_jax.models.chunked_attention import query_chunked
 from dualtoken_jax.models.discriminator import PatchDiscriminator
 from dualtoken_jax.models.dualtoken import DualToken, init_variables
-from dualtoken_jax.training import pixel_loss as PL
-from dualtoken_jax.training.step import activation_sharding, adaptive_weight
+from dualtoken_jax.tokenizer_training import pixel_loss as PL
+from dualtoken_jax.tokenizer_training.step import activation_sharding, adaptive_weight
 
 SIZE = 32  # configs/demo_cpu.py:test
 

@@ -9,7 +9,7 @@ import skimage.transform
 
 from dualtoken_jax import DualTokenizer, DualTokens
 from dualtoken_jax import config_files
-from dualtoken_jax import model_config
+from dualtoken_jax.models import config as model_config
 from dualtoken_jax.bridges import flat as F
 from dualtoken_jax.models.dualtoken import DualToken
 

@@ -11,8 +11,8 @@ from dualtoken_jax import config_files
 from dualtoken_jax.losses import gan as G
 from dualtoken_jax.models.dualtoken import init_variables
 from dualtoken_jax.training import optimizer as O
-from dualtoken_jax.training import recipe
-from dualtoken_jax.training.step import adaptive_weight
+from dualtoken_jax.tokenizer_training import recipe
+from dualtoken_jax.tokenizer_training.step import adaptive_weight
 
 
 def test_generator_schedule_matches_reference_formula():

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from dualtoken_jax import config_files
+from dualtoken_jax import DualTokenizer, config_files
 from dualtoken_jax.training import checkpoints
-from dualtoken_jax.training.loop import NonFiniteLossError, train_and_evaluate
+from dualtoken_jax.tokenizer_training.train import NonFiniteLossError, train_and_evaluate
 from dualtoken_jax.training.metrics_log import read_jsonl
 
 OVERRIDES = dict(total_steps=1000, log_every_steps=1, max_consecutive_nonfinite=3)
@@ -143,8 +143,7 @@ def test_non_finite_losses_halt_without_a_nan_checkpoint(tmp_path, monkeypatch):
 def test_a_finished_run_loads_as_a_tokenizer(uninterrupted):
   """`--checkpoint WORKDIR` (CLIs) and `init.tokenizer` (MLLM) read a training run's newest
   checkpoint: its params and EMA codebooks, exactly as saved."""
-  from dualtoken_jax import tokenizer_source  # pylint: disable=g-import-not-at-top
-  tok = tokenizer_source.from_checkpoint(uninterrupted)
+  tok = DualTokenizer.load(uninterrupted)
   saved = params_at(uninterrupted, 6)
   for name in ("params", "vq_stats"):
     for x, y in zip(jax.tree.leaves(tok.variables[name]), jax.tree.leaves(saved[name])):
@@ -153,4 +152,4 @@ def test_a_finished_run_loads_as_a_tokenizer(uninterrupted):
   codes = tok.encode(np.zeros((1, 32, 32, 3), np.float32))
   assert codes.pixel.shape == (1, 4, 4, 4)
   with pytest.raises(FileNotFoundError, match="no training checkpoint"):
-    tokenizer_source.from_checkpoint(uninterrupted / "nothing")
+    DualTokenizer.load(uninterrupted / "nothing")

@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dualtoken_jax import config_files, sharding
+from dualtoken_jax import config_files
+
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.bridges import flat as F
 from dualtoken_jax.models import lpips as lpips_model
-from dualtoken_jax.training import state as S
-from dualtoken_jax.training.step import make_train_step
+from dualtoken_jax.tokenizer_training import state as S
+from dualtoken_jax.tokenizer_training.step import make_train_step
 
 
 SIZE = 32  # configs/demo_cpu.py:test
@@ -19,7 +21,7 @@ SIZE = 32  # configs/demo_cpu.py:test
 def demo_config(stage=1, scan=False):
   config = config_files.load("configs/demo_cpu.py:test")
   if stage != 1:
-    from dualtoken_jax.training import recipe  # pylint: disable=g-import-not-at-top
+    from dualtoken_jax.tokenizer_training import recipe  # pylint: disable=g-import-not-at-top
     config = recipe.training_config(config.model, stage=stage, batch_size=8, total_steps=10,
                                     steps_per_epoch=5)
   config.model.scan_layers = scan

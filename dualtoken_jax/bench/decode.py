@@ -23,7 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dualtoken_jax import config_files, sharding
+from dualtoken_jax import config_files
+
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.bench import timing
 from dualtoken_jax.llm import config as llm_config
 from dualtoken_jax.llm import decoding, masks

@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualtoken_jax import config_files, sharding
+from dualtoken_jax import config_files
+
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.bench import timing
 from dualtoken_jax.mllm import config as C
 from dualtoken_jax.mllm import generation

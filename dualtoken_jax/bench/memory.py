@@ -23,9 +23,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from dualtoken_jax import sharding
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.bench import train_step as T
-from dualtoken_jax.training import state as S
+from dualtoken_jax.tokenizer_training import state as S
 
 
 def disable_remat(config) -> None:

@@ -13,12 +13,14 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from dualtoken_jax import config_files, sharding
+from dualtoken_jax import config_files
+
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.bench import timing
 from dualtoken_jax.models import lpips as lpips_model
-from dualtoken_jax.training import recipe
-from dualtoken_jax.training import state as S
-from dualtoken_jax.training.step import make_train_step
+from dualtoken_jax.tokenizer_training import recipe
+from dualtoken_jax.tokenizer_training import state as S
+from dualtoken_jax.tokenizer_training.step import make_train_step
 
 
 def training_config(spec: str, batch: int):

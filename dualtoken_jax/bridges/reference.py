@@ -18,7 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
-from dualtoken_jax import model_config
+from dualtoken_jax.models import config as model_config
 from dualtoken_jax.bridges import rules as R
 from dualtoken_jax.bridges import siglip
 

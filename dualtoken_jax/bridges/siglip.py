@@ -21,7 +21,7 @@ import numpy as np
 import scipy.ndimage
 from flax import traverse_util
 
-from dualtoken_jax import model_config
+from dualtoken_jax.models import config as model_config
 from dualtoken_jax.bridges import rules as R
 from dualtoken_jax.bridges.tensor_files import CheckpointError, read_npz, read_tensors
 from dualtoken_jax.models.vit import VisionTower

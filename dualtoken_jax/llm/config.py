@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from dualtoken_jax.model_config import REMAT_POLICIES
+from dualtoken_jax.models.config import REMAT_POLICIES
 
 LOCAL, GLOBAL = "local", "global"
 FAMILIES = ("gemma", "gemma2", "gemma3")

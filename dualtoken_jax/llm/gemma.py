@@ -34,7 +34,7 @@ import ml_collections
 from dualtoken_jax.llm import config as C
 from dualtoken_jax.llm import masks
 from dualtoken_jax.llm.attention import Attention, RMSNorm, fan_in_init
-from dualtoken_jax.model_config import REMAT_POLICIES
+from dualtoken_jax.models.config import REMAT_POLICIES
 from dualtoken_jax.models import partitioning as P
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dualtoken_jax import sharding as shared
+from dualtoken_jax.parallel import sharding as shared
 from dualtoken_jax.llm import config as C
 from dualtoken_jax.llm import gemma
 from dualtoken_jax.llm import layout

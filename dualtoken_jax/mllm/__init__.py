@@ -12,7 +12,7 @@ masks), `data` / `caption_data` (grain pipelines), `state` / `step` (training st
 text + code loss), `generation` (the CFG sampling loop), `chat` (cached inference), `demo`.
 """
 
-from dualtoken_jax.mllm.chat import ChatModel
+from dualtoken_jax.mllm.inference import UnifiedModel
 from dualtoken_jax.mllm.model import DualTokenMLLM
 
-__all__ = ["ChatModel", "DualTokenMLLM"]
+__all__ = ["UnifiedModel", "DualTokenMLLM"]

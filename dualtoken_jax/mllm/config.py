@@ -3,7 +3,7 @@
 An experiment config (`training_config`) holds:
 
   model       the network: `llm` (a Gemma decoder config, `dualtoken_jax.llm.config`),
-              `tokenizer` (a DualToken tokenizer config, `dualtoken_jax.model_config`),
+              `tokenizer` (a DualToken tokenizer config, `dualtoken_jax.models.config`),
               `visual_vector` ("code_embeddings" | "postquant"), `projector`, `attention`
               ("causal" | "prefix_lm") and `special_tokens` (ordered [name, piece] pairs).
   text        the SentencePiece model file and the conversation template.
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from dualtoken_jax import model_config as tokenizer_config
-from dualtoken_jax import sharding
+from dualtoken_jax.models import config as tokenizer_config
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.llm import config as llm_config
 
 VISUAL_VECTORS = ("code_embeddings", "postquant")

@@ -26,8 +26,8 @@ import grain
 import numpy as np
 from flax import serialization
 
-from dualtoken_jax import code_shards
-from dualtoken_jax import model_config
+from dualtoken_jax.data import code_shards
+from dualtoken_jax.models import config as model_config
 from dualtoken_jax.data import decode, records, transforms
 from dualtoken_jax.data import pipeline
 from dualtoken_jax.data.pipeline import resolve_shard

@@ -121,8 +121,8 @@ def prepare(config, workdir: Path) -> None:
 
 def report(config, state, vocab, workdir: Path) -> dict:
   """Measures both directions with the final state; writes the JSON report and the PNG."""
-  from dualtoken_jax.mllm.chat import ChatModel  # pylint: disable=g-import-not-at-top
-  model = ChatModel(config, state.params, state.tokenizer, vocab)
+  from dualtoken_jax.mllm.inference import UnifiedModel  # pylint: disable=g-import-not-at-top
+  model = UnifiedModel(config, state.params, state.tokenizer, vocab)
   keys = list(photos())
   paths = [photos()[k] for k in keys]
   understood = [model.answer(HELD_OUT_QUESTION, p, max_new_tokens=12) == ANSWERS[k]

@@ -31,7 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dualtoken_jax import model_config
+from dualtoken_jax.models import config as model_config
 from dualtoken_jax.llm import decoding, masks, sampling
 from dualtoken_jax.mllm import projector as V
 from dualtoken_jax.mllm.model import DualTokenMLLM

@@ -30,7 +30,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from dualtoken_jax import sharding, tokenizer_source
+from dualtoken_jax.parallel import sharding
+
+from dualtoken_jax.tokenizer import DualTokenizer
 from dualtoken_jax.bridges.tensor_files import CheckpointError
 from dualtoken_jax.llm import config as llm_config
 from dualtoken_jax.llm import hf_bridge
@@ -42,7 +44,7 @@ from dualtoken_jax.mllm import model as M
 from dualtoken_jax.models.dualtoken import DualToken
 from dualtoken_jax.training import checkpoints
 from dualtoken_jax.training import optimizer as O
-from dualtoken_jax.training.state import mirror_specs
+from dualtoken_jax.tokenizer_training.state import mirror_specs
 
 # Architecture fields a loaded LLM checkpoint must share with the config (not vocab_size:
 # appended special tokens extend the table; not dtype/scan/remat: execution choices).
@@ -157,7 +159,7 @@ def initial_tokenizer(config, abstract, shardings):
   if not config.init.tokenizer:
     logging.warning("config.init.tokenizer is empty: the tokenizer is RANDOM (demos/tests only)")
     return jax.jit(lambda: _random_tokenizer(config), out_shardings=shardings)()
-  tok = tokenizer_source.from_checkpoint(config.init.tokenizer)
+  tok = DualTokenizer.load(config.init.tokenizer)
   expected = {k: v.shape for k, v in llm_layout.flatten(abstract).items()}
   found = llm_layout.flatten(tok.variables)
   unused = sorted(set(found) - set(expected))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dualtoken_jax import model_config
+from dualtoken_jax.models import config as model_config
 from dualtoken_jax.models.attn_projection import AttnProjection
 from dualtoken_jax.models.pixel_decoder import Decoder, PostQuantResnetBlock, resize_latent
 from dualtoken_jax.models.text import TextTower

@@ -121,22 +121,3 @@ def restore_subtrees(step_dir: Path, abstract: dict) -> dict:
 def read_meta(step_dir: Path) -> dict:
   """The JSON metadata a training checkpoint stored ({"step", "config"})."""
   return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(Path(step_dir) / "meta"))
-
-
-def tokenizer_from_run(path: str | Path):
-  """The tokenizer of a `dualtoken_jax.train` run (its newest checkpoint, or the step
-  directory `path`) as a `DualTokenizer`: params and EMA codebooks, without the optimiser,
-  teacher or discriminator."""
-  from dualtoken_jax.models.dualtoken import abstract_variables  # pylint: disable=g-import-not-at-top
-  from dualtoken_jax.tokenizer import DualTokenizer  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  step_dir = latest_step_dir(path)
-  config = ml_collections.ConfigDict(read_meta(step_dir)["config"])
-  if "model" not in config or "vq_pix" not in config.model:
-    raise ValueError(f"{step_dir} is not a tokenizer training checkpoint (its config has no "
-                     "model.vq_pix)")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          abstract_variables(config.model))
-  return DualTokenizer(config.model, restore_subtrees(step_dir, {
-      "params": abstract["params"], "vq_stats": abstract["vq_stats"]}))

@@ -1,123 +1,85 @@
-"""`train_and_evaluate(config, workdir)`: the tokenizer training run, resumable and sharded.
-
-Sections: mesh -> input -> state (fresh or restored) -> compiled steps -> loop (log, evaluate,
-checkpoint, stop on SIGTERM) -> final checkpoint and report. Re-running on the same workdir
-resumes from its newest complete checkpoint, bit-exactly on the same machine.
-"""
+"""The step loop both trainers share (`tokenizer_training/train.py`, `mllm/train.py`): logging,
+evaluation and checkpoint cadence, the non-finite-step guard, the steps/s + ETA timer."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import time
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from clu import parameter_overview
-from jax.sharding import NamedSharding, PartitionSpec
 
-from dualtoken_jax import data, model_config, sharding
-from dualtoken_jax.metrics import image_quality
-from dualtoken_jax.models import lpips as lpips_model
-from dualtoken_jax.reconstruct import side_by_side, to_uint8
-from dualtoken_jax.training import checkpoints, inputs
-from dualtoken_jax.training.loop_utils import NonFiniteLossError, run_training_loop
-from dualtoken_jax.training import state as S
-from dualtoken_jax.training.metrics_log import MetricLogger
-from dualtoken_jax.training.step import make_train_step
+from dualtoken_jax.training import checkpoints
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Trains the tokenizer `config` describes, writing everything under `workdir`.
-
-  Returns the last evaluation's metrics ({"step", "psnr", ...}).
-  """
-  workdir = Path(workdir)
-  model_config.validate(config.model)
-  if config.distributed:
-    jax.distributed.initialize()
-  mesh = sharding.make_mesh(config.mesh)
-  logger = MetricLogger(workdir)
-  logging.info("%s; mesh %s; %d process(es)", model_config.describe(config.model),
-               dict(mesh.shape), jax.process_count())
-
-  # ---------------------------------------------------------------- input
-  size = config.model.image_size
-  per_host = data.host_batch_size(config.batch_size, mesh)
-  train_iter = inputs.train_iterator(config, per_host)
-  eval_images = inputs.eval_images(config.eval, size)
-  batch_sharding = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
-
-  # ---------------------------------------------------------------- state
-  modules = S.Modules(config)
-  images_shape = (1, size, size, 3)
-  abstract, boxed = S.abstract_state(modules, images_shape)
-  specs = S.state_specs(modules, abstract, boxed, mesh)
-  shardings = sharding.named(specs, mesh)
-  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", **config.checkpoint)
-  start = ckpt.latest_step()
-  if start is None:
-    state = S.create(modules, images_shape, mesh, shardings)
-    start = 0
-    logger.text("parameter_overview", parameter_overview.get_parameter_overview(state.params))
-  else:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-    state, _ = ckpt.restore(start, target, train_iter)
-    logging.info("resumed from step %d", start)
-
-  # ---------------------------------------------------------------- steps
-  lpips = _lpips(config)
-  step_fns = {}
-  def step_fn(with_gan: bool):
-    if with_gan not in step_fns:
-      step_fns[with_gan] = jax.jit(make_train_step(modules, lpips, with_gan),
-                                   in_shardings=(shardings, batch_sharding),
-                                   out_shardings=(shardings, None), donate_argnums=0)
-    return step_fns[with_gan]
-  reconstruct = jax.jit(lambda params, stats, x: modules.model.apply(
-      {"params": params, "vq_stats": stats}, x)["recon"])
-
-  # ---------------------------------------------------------------- loop
-  def train_step(state, step, batch):
-    images = data.make_global_array(batch["image"], mesh)
-    gan = config.gan.enabled and step >= config.gan.start_step and config.loss.pixel
-    return step_fn(gan)(state, images)
-
-  _, last_eval = run_training_loop(
-      state, config=config, start=start, train_iter=train_iter, train_step=train_step,
-      run_eval=lambda state, step: evaluate(reconstruct, state, eval_images, step, logger),
-      ckpt=ckpt, logger=logger)
-  return last_eval
+class NonFiniteLossError(RuntimeError):
+  """Too many consecutive steps with a NaN/Inf loss or gradient."""
 
 
-def evaluate(reconstruct, state, eval_images: np.ndarray, step: int, logger: MetricLogger) -> dict:
-  """PSNR/SSIM of the fixed evaluation images and a [input | reconstruction] grid PNG."""
-  recon = np.asarray(reconstruct(state.params, state.vq_stats, jnp.asarray(eval_images)))
-  x, y = image_quality.decoder_to_unit(eval_images), image_quality.decoder_to_unit(recon)
-  psnr = np.asarray(image_quality.psnr(y, x))
-  ssim = np.asarray(image_quality.ssim(y, x))
-  result = {"step": step, "psnr": float(psnr.mean()), "ssim": float(ssim.mean())}
-  logger.scalars(step, {"eval/psnr": result["psnr"], "eval/ssim": result["ssim"]})
-  captions = [f"step {step}  {p:.1f} dB" for p in psnr]
-  grid = side_by_side(to_uint8(eval_images), to_uint8(recon), captions, columns=4)
-  result["grid"] = str(logger.image(step, "reconstructions", np.asarray(grid)))
-  logging.info("step %d: eval PSNR %.2f dB, SSIM %.3f", step, result["psnr"], result["ssim"])
-  return result
+class NonFiniteGuard:
+  """Counts consecutive non-finite steps (whose updates the step functions skip) and raises
+  `NonFiniteLossError` once `max_in_a_row` happened in a row."""
+
+  def __init__(self, max_in_a_row: int):
+    self.max_in_a_row = max_in_a_row
+    self.in_a_row = 0
+
+  def update(self, finite: bool, step: int, last_checkpoint: int | None) -> None:
+    self.in_a_row = 0 if finite else self.in_a_row + 1
+    if finite:
+      return
+    logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                    step, self.in_a_row)
+    if self.in_a_row >= self.max_in_a_row:
+      raise NonFiniteLossError(f"{self.in_a_row} consecutive non-finite steps ending at step "
+                               f"{step}; last checkpoint: step {last_checkpoint}")
 
 
-def _lpips(config):
-  path = config.loss.lpips_weights
-  if not config.loss.pixel or config.loss.lpips == 0:
-    return None
-  if not path:
-    logging.warning("no LPIPS weights configured (config.loss.lpips_weights): training WITHOUT "
-                    "the LPIPS term. Convert them with `python -m dualtoken_jax.convert_lpips`.")
-    return None
-  return lpips_model.lpips_fn(lpips_model.load_lpips(path))
+class StepTimer:
+  """steps/s and ETA between logging points."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self._step, self._time, self._total = start_step, time.perf_counter(), total_steps
+
+  def rates(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    rate = (step - self._step) / max(now - self._time, 1e-9)
+    self._step, self._time = step, now
+    return {"steps_per_sec": rate, "eta_hours": (self._total - step) / max(rate, 1e-9) / 3600}
 
 
-
-
-__all__ = ["NonFiniteLossError", "evaluate", "train_and_evaluate"]
+def run_training_loop(state, *, config, start: int, train_iter, train_step: Callable,
+                      run_eval: Callable, ckpt, logger) -> tuple[Any, dict]:
+  """The step loop both trainers share: steps `start`..`last` (`stop_at_step` or
+  `total_steps`), metrics every `log_every_steps` (with throughput and per-reason skip
+  totals), `run_eval(state, step)` at step 0 and every `eval.every_steps`, Orbax checkpoints
+  (forced at the last step and on preemption), a halt on repeated non-finite steps.
+  `train_step(state, step, host_batch) -> (state, metrics)`. Closes `ckpt` and `logger`.
+  Returns (state, the last evaluation)."""
+  last = min(config.stop_at_step or config.total_steps, config.total_steps)
+  preempt = checkpoints.PreemptionSignal()
+  guard = NonFiniteGuard(config.max_consecutive_nonfinite)
+  timer = StepTimer(start, config.total_steps)
+  meta = lambda step: {"step": step, "config": config.to_dict()}
+  last_eval = run_eval(state, 0) if start == 0 else {}  # the starting point, for comparison
+  try:
+    for step in range(start, last):
+      state, metrics = train_step(state, step, next(train_iter))
+      done = step + 1
+      guard.update(bool(metrics["finite"]), done, ckpt.latest_step())
+      if done % config.log_every_steps == 0 or done == last:
+        metrics = jax.device_get(metrics)
+        metrics.update(timer.rates(done))
+        metrics.update({f"data/skipped_{k}": v for k, v in train_iter.skipped_total.items()})
+        logger.scalars(done, metrics)
+      if done % config.eval.every_steps == 0 or done == last:
+        last_eval = run_eval(state, done)
+      if preempt.received or done == last:
+        ckpt.save(done, state, train_iter, meta(done), force=True)
+        break
+      ckpt.save(done, state, train_iter, meta(done))
+  finally:
+    ckpt.close()
+    preempt.restore()
+    logger.close()
+  return state, last_eval

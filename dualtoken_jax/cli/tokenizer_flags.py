@@ -1,4 +1,4 @@
-"""Command-line choice of a tokenizer, shared by the CLIs (tokenize, reconstruct, convert, …).
+"""Command-line choice of a tokenizer, shared by the programs (tokenize, reconstruct, convert, …).
 
 Exactly one of:
   --checkpoint DIR                        this project's format (`DualTokenizer.save`), or a
@@ -11,11 +11,9 @@ Exactly one of:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from dualtoken_jax import config_files
 from dualtoken_jax.tokenizer import DualTokenizer
-from dualtoken_jax.training import checkpoints
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -35,17 +33,10 @@ def load(args: argparse.Namespace) -> DualTokenizer:
     raise SystemExit("choose exactly one tokenizer source: --checkpoint, --reference or --config "
                      f"(got {', '.join('--' + s for s in sources) or 'none'})")
   if args.checkpoint:
-    return from_checkpoint(args.checkpoint)
+    return DualTokenizer.load(args.checkpoint)
   if args.reference:
     return DualTokenizer.from_reference(args.reference, args.reference_config)
   model = config_files.model_of(config_files.load(args.config))
   if args.siglip:
     return DualTokenizer.from_siglip(model, args.siglip, seed=args.seed)
   return DualTokenizer.from_config(model, seed=args.seed)
-
-
-def from_checkpoint(path) -> DualTokenizer:
-  """A `DualTokenizer.save` directory, or a tokenizer training run (workdir or step dir)."""
-  if (Path(path) / "config.json").is_file():
-    return DualTokenizer.from_pretrained(path)
-  return checkpoints.tokenizer_from_run(path)

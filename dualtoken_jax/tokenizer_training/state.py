@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dualtoken_jax import sharding
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.bridges import flat as F
 from dualtoken_jax.models.discriminator import PatchDiscriminator
 from dualtoken_jax.models.dualtoken import DualToken

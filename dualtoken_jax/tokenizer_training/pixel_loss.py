@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dualtoken_jax import sharding
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.losses import gan as G
 from dualtoken_jax.models.pixel_decoder import apply_conv_out
 

@@ -1,6 +1,6 @@
 """Inference with a trained MLLM: answer a prompt about an image, or generate images.
 
-    model = ChatModel.from_checkpoint("workdirs/mllm")      # a train_mllm workdir or step dir
+    model = UnifiedModel.from_checkpoint("workdirs/mllm")      # a train_mllm workdir or step dir
     model.answer("What is in this picture?", image="cat.jpg", temperature=0.7, top_p=0.9)
     out = model.generate_images("a photo of a cat", n=4, cfg_scale=3.0, seed=0)
     model.llm().export_hf("gemma_out")                      # the decoder alone, HF format
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualtoken_jax import sharding
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.data.transforms import load_image
 from dualtoken_jax.llm import GemmaLM
 from dualtoken_jax.llm import decoding, masks, sampling
@@ -34,7 +34,7 @@ from dualtoken_jax.mllm import state as S
 SPM_FILE = "sentencepiece.model"  # written into the workdir by train_mllm
 
 
-class ChatModel:
+class UnifiedModel:
   """An MLLM config, its params, the frozen tokenizer's variables and the vocabulary."""
 
   def __init__(self, config, params, tokenizer_variables, vocab: sequence.Vocabulary):
@@ -50,7 +50,7 @@ class ChatModel:
 
   @classmethod
   def from_checkpoint(cls, path: str | Path, spm_model: str | Path | None = None,
-                      mesh=None) -> "ChatModel":
+                      mesh=None) -> "UnifiedModel":
     """The newest checkpoint of a train_mllm workdir (or one step directory). Only params and
     tokenizer are read (not the optimiser state). The SentencePiece model is `spm_model`, else
     the run's copy in the workdir, else the path in the config."""

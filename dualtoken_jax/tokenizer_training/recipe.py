@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from dualtoken_jax import model_config
-from dualtoken_jax import sharding
+from dualtoken_jax.models import config as model_config
+from dualtoken_jax.parallel import sharding
 
 _TOWERS_NOT_TRAINED = [r"txt/.*", r"t", r"b"]  # text tower, logit scale/bias
 _PIXEL_SIDE = [r"prequant_pix/.*", r"prequant_shortcut/.*", r"postquant_pix/.*",

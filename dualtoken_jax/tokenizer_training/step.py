@@ -26,8 +26,8 @@ from dualtoken_jax.losses import semantic as S
 from dualtoken_jax.metrics import codebook_stats
 from dualtoken_jax.models.dualtoken import DualToken, vision_tower
 from dualtoken_jax.models.pixel_decoder import apply_conv_out
-from dualtoken_jax.training import pixel_loss as PL
-from dualtoken_jax.training.state import Modules, TrainState
+from dualtoken_jax.tokenizer_training import pixel_loss as PL
+from dualtoken_jax.tokenizer_training.state import Modules, TrainState
 
 Metrics = dict[str, jax.Array]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from dualtoken_jax import data
-from dualtoken_jax import image_inputs
+from dualtoken_jax.data import image_inputs
 
 SOURCES = ("webdataset", "folder", "array_record", "sample")
 
