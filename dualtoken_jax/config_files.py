@@ -58,3 +58,36 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = type(default)(value)
   return out
+
+
+def merge_saved(defaults: ml_collections.ConfigDict, saved) -> ml_collections.ConfigDict:
+  """A saved config's JSON form (nested dicts and lists) over a copy of `defaults`.
+
+  Fields the saved config lacks (added to the code since it was written) keep their defaults,
+  nested configs are merged field by field, and JSON lists become tuples (as configs hold
+  sequences) except where the default is a list.
+  """
+  if isinstance(saved, ml_collections.ConfigDict):
+    saved = saved.to_dict()
+  return ml_collections.ConfigDict(_merge(defaults.to_dict(), saved))
+
+
+def _merge(defaults: dict, saved) -> dict:
+  out = dict(defaults)
+  for key, value in saved.items():
+    default = out[key] if key in out else None
+    if isinstance(value, dict) and isinstance(default, dict):
+      out[key] = _merge(default, value)
+    elif isinstance(default, list):
+      out[key] = value
+    else:
+      out[key] = _tuples(value)
+  return out
+
+
+def _tuples(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value

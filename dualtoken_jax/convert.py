@@ -5,7 +5,7 @@
   # ours -> reference layout (.safetensors + config.json beside it)
   python -m dualtoken_jax.convert --checkpoint tokenizer_dir --to_reference out/model.safetensors
   # a new tokenizer: real SigLIP towers + random DualToken parts (a training starting point)
-  python -m dualtoken_jax.convert --config configs/dualtoken_so400m14_384_rvq8.py \
+  python -m dualtoken_jax.convert --config configs/dualtoken_so400m.py:res=384 \
       --siglip siglip2_so400m14_384.npz --output init_dir
 """
 

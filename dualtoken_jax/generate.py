@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from dualtoken_jax.mllm.inference import UnifiedModel
-from dualtoken_jax.reconstruct import to_uint8
+from dualtoken_jax.data.images import to_uint8
 
 
 def image_paths(out: Path, n: int) -> list[Path]:

@@ -14,38 +14,10 @@ import argparse
 import sys
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from dualtoken_jax.data import image_inputs
+from dualtoken_jax.data.images import psnr, side_by_side, to_uint8
 from dualtoken_jax.cli import tokenizer_flags as tokenizer_source
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> uint8, clamped (the reference's (y+1)*127.5 mapping)."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
-
-
-def psnr(x: np.ndarray, y: np.ndarray) -> float:
-  """PSNR in dB of two uint8 images (data range 255)."""
-  mse = np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2)
-  return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
-def side_by_side(originals: np.ndarray, reconstructions: np.ndarray, captions: list[str],
-                 columns: int = 2) -> Image.Image:
-  """A grid of [original | reconstruction] pairs with a caption strip under each pair."""
-  n, size = len(originals), originals.shape[1]
-  pad, text_h = 4, 14
-  cell_w, cell_h = 2 * size + 3 * pad, size + text_h + 2 * pad
-  rows = -(-n // columns)
-  sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
-  draw = ImageDraw.Draw(sheet)
-  for i in range(n):
-    x0, y0 = (i % columns) * cell_w, (i // columns) * cell_h
-    sheet.paste(Image.fromarray(originals[i]), (x0 + pad, y0 + pad))
-    sheet.paste(Image.fromarray(reconstructions[i]), (x0 + 2 * pad + size, y0 + pad))
-    draw.text((x0 + pad, y0 + pad + size + 1), captions[i], fill="black")
-  return sheet
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,7 @@ raster order over the patch grid. Nothing is ever downloaded: every loader takes
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import flax
@@ -20,16 +18,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from dualtoken_jax.bridges import dualtoken as weights
+from dualtoken_jax.bridges import layout
 from dualtoken_jax.models import config as model_config
-from dualtoken_jax.bridges import flat as F
-from dualtoken_jax.bridges import reference
-from dualtoken_jax.bridges import rules as R
-from dualtoken_jax.bridges import siglip
-from dualtoken_jax.bridges.tensor_files import read_tensors, write_safetensors
-from dualtoken_jax.models.dualtoken import DualToken, abstract_variables, init_variables
-from dualtoken_jax.training import checkpoints
+from dualtoken_jax.models.dualtoken import DualToken, init_variables
 
 
 @flax.struct.dataclass
@@ -46,7 +39,7 @@ class DualTokenizer:
     model_config.validate(config)
     self.config = config
     self.model = DualToken(ml_collections.FrozenConfigDict(config))
-    self.variables = F.to_device(variables)
+    self.variables = layout.to_device(variables)
     m = self.model
     self._encode = jax.jit(lambda v, x: m.apply(v, x, method=DualToken.encode))
     self._decode = jax.jit(lambda v, c: m.apply(v, c, method=DualToken.decode_codes))
@@ -65,88 +58,40 @@ class DualTokenizer:
                      config_json_path: str | os.PathLike | None = None) -> "DualTokenizer":
     """The PyTorch reference's checkpoint (`.pt` `{"state_dict": …}` or `.safetensors`) and its
     config.json (default: `config.json` beside the checkpoint). Strict: every key must match."""
-    config_json_path = Path(config_json_path or Path(checkpoint_path).with_name("config.json"))
-    if not config_json_path.is_file():
-      raise FileNotFoundError(f"reference config.json not found: {config_json_path}")
-    config = reference.config_from_reference(json.loads(config_json_path.read_text()))
-    abstract = F.flatten(abstract_variables(config))
-    expected = R.loop_shapes({k: v.shape for k, v in abstract.items()})
-    flat = reference.import_state_dict(read_tensors(checkpoint_path), config, expected)
-    flat = F.to_model_layout(flat, config.scan_layers)
-    return cls(config, F.unflatten(F.cast_like(flat, abstract)))
+    return cls(*weights.load_reference(checkpoint_path, config_json_path))
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike) -> "DualTokenizer":
     """This project's own format, as written by `save` (config.json + Orbax `state/`)."""
-    path = Path(path).absolute()
-    if not (path / "config.json").is_file() or not (path / "state").is_dir():
-      raise FileNotFoundError(f"{path} is not a saved DualTokenizer (expected config.json and state/)")
-    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
-    abstract = abstract_variables(config)
-    variables = ocp.StandardCheckpointer().restore(path / "state", abstract)
-    return cls(config, variables)
+    return cls(*weights.load_saved(path))
 
   @classmethod
   def from_training_run(cls, path: str | os.PathLike) -> "DualTokenizer":
     """The tokenizer of a `dualtoken_jax.train` run (its newest checkpoint, or the step
     directory `path`): params and EMA codebooks, without optimiser, teacher or discriminator."""
-    step_dir = checkpoints.latest_step_dir(path)
-    config = ml_collections.ConfigDict(checkpoints.read_meta(step_dir)["config"])
-    if "model" not in config or "vq_pix" not in config.model:
-      raise ValueError(f"{step_dir} is not a tokenizer training checkpoint (its config has no "
-                       "model.vq_pix)")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            abstract_variables(config.model))
-    return cls(config.model, checkpoints.restore_subtrees(step_dir, {
-        "params": abstract["params"], "vq_stats": abstract["vq_stats"]}))
+    return cls(*weights.load_training_run(path))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "DualTokenizer":
     """A `save`d tokenizer directory, or a tokenizer training run (workdir or step directory)."""
-    if (Path(path) / "config.json").is_file():
-      return cls.from_pretrained(path)
-    return cls.from_training_run(path)
+    return cls(*weights.load(path))
 
   @classmethod
   def from_siglip(cls, config, siglip_path: str | os.PathLike, seed: int = 0) -> "DualTokenizer":
     """A new tokenizer whose SigLIP towers come from real weights and everything DualToken adds
     is randomly initialised: the starting point of training. `siglip_path`: a Hugging Face
     SigLIP directory / `.safetensors`, or a big_vision `.npz` (optionally `file.npz:img`)."""
-    variables = F.flatten(init_variables(config, jax.random.key(seed)))
-    towers = R.loop_shapes({k[len("params/"):]: v.shape for k, v in variables.items()
-                            if k.startswith(("params/img/", "params/txt/")) or k in ("params/t", "params/b")})
-    if str(siglip_path).split(":")[0].endswith(".npz"):
-      loaded = siglip.load_big_vision(str(siglip_path), towers)
-    else:
-      loaded = siglip.load_hf(siglip_path, config.vision, config.text, towers)
-    flat = F.to_loop(variables)
-    flat.update({f"params/{k}": v for k, v in loaded.items()})
-    flat = F.to_model_layout(flat, config.scan_layers)
-    return cls(config, F.unflatten(F.cast_like(flat, variables)))
+    return cls(config, weights.init_with_siglip(config, siglip_path, seed))
 
   # ---------------------------------------------------------------- saving
   def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
     """Writes config.json and an Orbax checkpoint of the variables under `path`."""
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-      raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path / "state", self.variables, force=overwrite)
-    checkpointer.wait_until_finished()
-    (path / "config.json").write_text(self.config.to_json_best_effort(indent=2))
+    weights.save(path, self.config, self.variables, overwrite)
 
   def export_reference(self, path: str | os.PathLike,
                        config_json_path: str | os.PathLike | None = None) -> None:
     """Writes the reference layout: `path` (.safetensors) and its config.json (default: beside it)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-      raise ValueError(f"export_reference writes safetensors; got {path}")
-    flat = F.to_loop(F.flatten(F.to_host(self.variables)))
-    write_safetensors(path, reference.export_state_dict(flat, self.config))
-    cfg_path = Path(config_json_path or path.with_name("config.json"))
-    cfg_path.write_text(json.dumps(reference.config_to_reference(self.config), indent=1))
+    weights.export_reference(path, self.config, self.variables, config_json_path)
 
   # ---------------------------------------------------------------- public methods
   @property
@@ -175,6 +120,25 @@ class DualTokenizer:
   def image_embedding(self, images) -> jax.Array:
     """L2-normalised MAP-head output (B, width), computed on the quantised semantic path."""
     return self.encode_all(images)["image_embeds"]
+
+  def siglip_embedding(self, images) -> jax.Array:
+    """L2-normalised plain SigLIP embedding (B, width): the same tower and MAP head without the
+    semantic quantiser (evaluation's unquantised "teacher" path), for comparing with
+    `image_embedding`."""
+    return self._jitted(DualToken.siglip_embedding)(self.variables, self._images(images))
+
+  def text_embedding(self, token_ids) -> jax.Array:
+    """L2-normalised text-tower output (B, text.out_dim) of int token ids (B, L<=text.max_len),
+    e.g. from `evaluation.text.SigLIPTokenizer`. Raises ValueError without a text tower."""
+    return self._jitted(DualToken.encode_text)(self.variables, self._tokens(token_ids))
+
+  def _jitted(self, method):
+    """jit(model.apply(variables, *args, method=method)), compiled once per tokenizer and method."""
+    cache = self.__dict__.setdefault("_jit_cache", {})
+    if method not in cache:
+      model = self.model
+      cache[method] = jax.jit(lambda v, *args: model.apply(v, *args, method=method))
+    return cache[method]
 
   def code_embeddings(self, codes: DualTokens) -> tuple[jax.Array, jax.Array]:
     """Sums over depth of the code embeddings: pixel (B,h,w,d), semantic (B,h,w,d)."""
@@ -205,15 +169,35 @@ class DualTokenizer:
                        f"values in [{lo:.3g}, {hi:.3g}]. Pass uint8 images or normalise first.")
     return jnp.asarray(images, jnp.float32)
 
+  def _tokens(self, token_ids) -> jax.Array:
+    t = self.config.text
+    if t is None:
+      raise ValueError("this tokenizer has no text tower (config.text is None): text_embedding "
+                       "needs a config with one, e.g. a SigLIP checkpoint with its text tower")
+    if not hasattr(token_ids, "shape") or not hasattr(token_ids, "dtype"):
+      raise TypeError(f"token_ids must be an int array (B, L<={t.max_len}), got "
+                      f"{type(token_ids).__name__}")
+    if token_ids.ndim != 2 or not 1 <= token_ids.shape[1] <= t.max_len:
+      raise ValueError(f"token_ids must have shape (batch, length) with 1 <= length <= "
+                       f"{t.max_len} (text.max_len); got {tuple(token_ids.shape)}")
+    if token_ids.shape[0] == 0:
+      raise ValueError("token_ids is an empty batch")
+    return _ids_below(token_ids, t.vocab_size, "token_ids")
+
   def _codes(self, codes, q, name) -> jax.Array:
     g = self.grid
     expected = (g, g, q.depth)
     if not hasattr(codes, "shape") or codes.ndim != 4 or tuple(codes.shape[1:]) != expected:
       raise ValueError(f"{name} codes must have shape (batch, {g}, {g}, {q.depth}); "
                        f"got {getattr(codes, 'shape', type(codes).__name__)}")
-    if not jnp.issubdtype(codes.dtype, jnp.integer):
-      raise TypeError(f"{name} codes must be integers, got dtype {codes.dtype}")
-    lo, hi = int(jnp.min(codes)), int(jnp.max(codes))
-    if lo < 0 or hi >= q.codebook_size:
-      raise ValueError(f"{name} codes must lie in [0, {q.codebook_size}); got [{lo}, {hi}]")
-    return jnp.asarray(codes, jnp.int32)
+    return _ids_below(codes, q.codebook_size, f"{name} codes")
+
+
+def _ids_below(ids, size: int, what: str) -> jax.Array:
+  """`ids` as int32, raising unless they are integers in [0, size)."""
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise TypeError(f"{what} must be integers, got dtype {ids.dtype}")
+  lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+  if lo < 0 or hi >= size:
+    raise ValueError(f"{what} must lie in [0, {size}); got [{lo}, {hi}]")
+  return jnp.asarray(ids, jnp.int32)

@@ -4,16 +4,20 @@
   python -m dualtoken_jax.train --config configs/dualtoken_so400m.py:res=384,stage=1 \
       --workdir gs://bucket/runs/so400m_384 --config.data.path='gs://…/cc12m-train-{0000..2175}.tar'
 
-Re-running the same command on an existing workdir resumes from its newest checkpoint.
+Re-running the same command on an existing workdir resumes from its newest checkpoint. After
+SIGTERM (preemption) the run saves a checkpoint and exits with status 75 (`PREEMPTED_EXIT_CODE`).
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 from absl import logging
 from ml_collections import config_flags
 
 from dualtoken_jax.cli import logs
+from dualtoken_jax.training.loop import PREEMPTED_EXIT_CODE, Preempted
 from dualtoken_jax.tokenizer_training.train import train_and_evaluate
 
 
@@ -28,7 +32,11 @@ def define_flags() -> None:
 def main(argv):
   del argv
   logs.setup()
-  result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except Preempted as e:  # checkpoint saved: re-running the same command resumes
+    logging.warning("%s", e)
+    sys.exit(PREEMPTED_EXIT_CODE)
   if result:
     logging.info("final evaluation: %s", result)
 

@@ -9,7 +9,7 @@ from conftest import FIXTURES
 from safetensors.numpy import load_file, save_file
 
 from dualtoken_jax import DualTokenizer
-from dualtoken_jax.bridges import flat as F
+from dualtoken_jax.bridges import layout
 from dualtoken_jax.bridges import siglip
 from dualtoken_jax.bridges.tensor_files import CheckpointError
 
@@ -34,7 +34,7 @@ def test_export_reference_round_trips_every_tensor(tok, state_dict, tmp_path):
     assert exported[k].dtype == v.dtype, k
     np.testing.assert_array_equal(exported[k], v, err_msg=k)
   again = DualTokenizer.from_reference(tmp_path / "ckpt.safetensors")  # config.json beside it
-  for a, b in zip(F.flatten(F.to_host(again.variables)).values(), F.flatten(F.to_host(tok.variables)).values()):
+  for a, b in zip(layout.flatten(layout.to_host(again.variables)).values(), layout.flatten(layout.to_host(tok.variables)).values()):
     np.testing.assert_array_equal(a, b)
 
 
@@ -108,31 +108,39 @@ def hf_siglip():
   return load_file(str(REF / "siglip" / "model.safetensors"))
 
 
-def test_hf_vision_tower_without_prefix(hf_siglip, tmp_path):
+def hf_vision_tower(tok, path):
+  """The image tower's params (loop layout) from a HF SigLIP directory, via `siglip.load_hf`."""
+  expected = {k: s for k, s in layout.loop_shapes(layout.shapes(tok.variables["params"])).items()
+              if k.startswith("img/")}
+  flat = siglip.load_hf(path, tok.config.vision, None, expected)
+  return layout.unflatten({k[len("img/"):]: v for k, v in flat.items()})
+
+
+def test_hf_vision_tower_without_prefix(tok, hf_siglip, tmp_path):
   bare = {k[len("vision_model."):]: v for k, v in hf_siglip.items() if k.startswith("vision_model.")}
   save_file(bare, str(tmp_path / "model.safetensors"))
   (tmp_path / "config.json").write_text((REF / "siglip" / "config.json").read_text())
-  _, params = siglip.load_vision_tower(tmp_path)
-  _, reference = siglip.load_vision_tower(REF / "siglip")
-  for a, b in zip(F.flatten({"p": params}).values(), F.flatten({"p": reference}).values()):
+  params = hf_vision_tower(tok, tmp_path)
+  reference = hf_vision_tower(tok, REF / "siglip")
+  for a, b in zip(layout.flatten({"p": params}).values(), layout.flatten({"p": reference}).values()):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(params["embedding"]["kernel"],
                                 bare["embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0))
 
 
-def test_hf_extra_key_is_an_error(hf_siglip, tmp_path):
+def test_hf_extra_key_is_an_error(tok, hf_siglip, tmp_path):
   extra = dict(hf_siglip)
   extra["vision_model.encoder.layers.99.mlp.fc1.weight"] = np.zeros((2, 2), np.float32)
   save_file(extra, str(tmp_path / "model.safetensors"))
   (tmp_path / "config.json").write_text((REF / "siglip" / "config.json").read_text())
   with pytest.raises(CheckpointError, match="layers.99"):
-    siglip.load_vision_tower(tmp_path)
+    hf_vision_tower(tok, tmp_path)
 
 
 def test_from_siglip_takes_towers_and_keeps_random_rest(tmp_path):
   tiny = DualTokenizer.from_reference(REF / "checkpoint.safetensors")
   fresh = DualTokenizer.from_siglip(tiny.config, REF / "siglip", seed=1)
-  _, teacher = siglip.load_vision_tower(REF / "siglip")
+  teacher = hf_vision_tower(tiny, REF / "siglip")
   np.testing.assert_array_equal(fresh.variables["params"]["img"]["pos_embedding"], teacher["pos_embedding"])
   hf = load_file(str(REF / "siglip" / "model.safetensors"))
   np.testing.assert_array_equal(fresh.variables["params"]["txt"]["Embed_0"]["embedding"],
@@ -143,10 +151,10 @@ def test_from_siglip_takes_towers_and_keeps_random_rest(tmp_path):
 
 def big_vision_npz(tok, tmp_path, *, prefix, stacked, bf16=False, grid=None):
   """Writes the tokenizer's SigLIP towers as a big_vision npz in the requested layout."""
-  flat = {k[len("params/"):]: v for k, v in F.to_loop(F.flatten(F.to_host(tok.variables))).items()
+  flat = {k[len("params/"):]: v for k, v in layout.to_loop(layout.flatten(layout.to_host(tok.variables))).items()
           if k.startswith(("params/img/", "params/txt/")) or k in ("params/t", "params/b")}
   if stacked:
-    flat = F.to_model_layout(flat, True)
+    flat = layout.to_scan(flat)
   if grid is not None:  # a checkpoint trained at another resolution: a linear-ramp posemb
     ramp = np.add.outer(np.arange(grid), 2 * np.arange(grid)).astype(np.float32)
     flat["img/pos_embedding"] = np.repeat(ramp.reshape(1, grid * grid, 1), flat["img/pos_embedding"].shape[-1], -1)
@@ -166,8 +174,8 @@ def test_big_vision_npz_layouts(tok, tmp_path, prefix, stacked, scan_model):
   config = tok.config.copy_and_resolve_references()
   config.scan_layers = scan_model
   loaded = DualTokenizer.from_siglip(config, path)
-  ours = F.to_loop(F.flatten(F.to_host(loaded.variables)))
-  theirs = F.to_loop(F.flatten(F.to_host(tok.variables)))
+  ours = layout.to_loop(layout.flatten(layout.to_host(loaded.variables)))
+  theirs = layout.to_loop(layout.flatten(layout.to_host(tok.variables)))
   for k in theirs:
     if k.startswith(("params/img/", "params/txt/")):
       np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)

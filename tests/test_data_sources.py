@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tf_example_writer
 from dualtoken_jax.data import decode
 from dualtoken_jax.data import pipeline
 from dualtoken_jax.data import records
@@ -260,7 +261,7 @@ def _protobuf_example_class():
 
 def test_tf_example_codec_matches_the_protobuf_runtime():
   example_cls = _protobuf_example_class()
-  ours = tf_example.encode_example({"image": b"\x00\xffjpeg", "label": [3, -7, 2**40],
+  ours = tf_example_writer.encode_example({"image": b"\x00\xffjpeg", "label": [3, -7, 2**40],
                                     "score": [0.5, -2.25], "name": "cat.jpg"})
   theirs = example_cls.FromString(ours)
   assert theirs.features.feature["image"].bytes_list.value == [b"\x00\xffjpeg"]
@@ -283,10 +284,10 @@ def test_array_record_source_reads_tfds_style_examples_and_raw_bytes(tmp_path):
   path = str(tmp_path / "data.array_record-00000-of-00001")
   writer = ArrayRecordWriter(path, "group_size:1")
   for i in range(3):
-    writer.write(tf_example.encode_example({"image": _png(10 * i), "file_name": f"img{i}.png",
+    writer.write(tf_example_writer.encode_example({"image": _png(10 * i), "file_name": f"img{i}.png",
                                             "label": i}))
   writer.write(b"\x0a\xff\xff")  # A corrupt record.
-  writer.write(tf_example.encode_example({"image": [], "file_name": "none.png"}))
+  writer.write(tf_example_writer.encode_example({"image": [], "file_name": "none.png"}))
   writer.close()
 
   src = sources.ArrayRecordSource(str(tmp_path / "*.array_record*"), key_feature="file_name")

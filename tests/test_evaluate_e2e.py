@@ -25,9 +25,11 @@ import pytest
 from PIL import Image, ImageOps
 from skimage.metrics import structural_similarity
 
+import tf_example_writer
 from dualtoken_jax import config_files, data, evaluate as evaluate_cli
-from dualtoken_jax.bridges import flat as F
-from dualtoken_jax.data import tf_example
+from dualtoken_jax.bridges import inception as inception_weights
+from dualtoken_jax.bridges import layout
+from dualtoken_jax.bridges import lpips as lpips_weights
 from dualtoken_jax.data.sample_photos import sample_photo_paths
 from dualtoken_jax.evaluation import EvalOptions, evaluate, report, state
 from dualtoken_jax.metrics import fid
@@ -47,7 +49,7 @@ def random_tokenizer(seed=0) -> DualTokenizer:
   config = config_files.model_of(config_files.load("dualtoken_tiny"))
   rng = np.random.default_rng(seed)
   flat = {}
-  for path, leaf in F.flatten(abstract_variables(config)).items():
+  for path, leaf in layout.flatten(abstract_variables(config)).items():
     name, shape = path.rsplit("/", 1)[-1], leaf.shape
     if name == "scale" or name == "cluster_size":
       value = np.ones(shape)
@@ -62,7 +64,7 @@ def random_tokenizer(seed=0) -> DualTokenizer:
     else:  # embeddings, codebooks, probes
       value = rng.normal(size=shape) * 0.5
     flat[path] = value.astype(leaf.dtype)
-  return DualTokenizer(config, F.unflatten(flat))
+  return DualTokenizer(config, layout.unflatten(flat))
 
 
 def write_random_inception(path, seed=1):
@@ -74,7 +76,7 @@ def write_random_inception(path, seed=1):
       flat[k] = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
     else:
       flat[k] = np.ones(shape) if name in ("scale", "var") else np.zeros(shape)
-  inception.save(path, inception.unflatten({k: v.astype(np.float32) for k, v in flat.items()}))
+  inception_weights.save(path, layout.unflatten({k: v.astype(np.float32) for k, v in flat.items()}))
 
 
 def write_random_lpips(path, seed=2):
@@ -218,7 +220,7 @@ def direct(assets, tok, main_run):
   x = np.stack([data.load_image(assets / "images" / k, SIZE) for k in keys])
   recon = padded(tok.reconstruct, x)
   x01, y01 = (x + 1) / 2, (np.clip(recon, -1, 1) + 1) / 2
-  weights = inception.load(assets / "inception.npz")
+  weights = inception_weights.load(assets / "inception.npz")
   real, fake = (padded(inception_features, (np.round(z * 255) / 255).astype(np.float32), weights)
                 for z in (x01, y01))
   emb_q = padded(lambda z: tok.encode_all(z)["image_embeds"], x)
@@ -395,7 +397,7 @@ def test_label_ids_outside_the_class_list(assets, tok, tmp_path):
   for i, label in enumerate((0, 1, 7)):
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (i * 50, 90, 200)).save(buf, format="PNG")
-    writer.write(tf_example.encode_example({"image": buf.getvalue(), "label": label,
+    writer.write(tf_example_writer.encode_example({"image": buf.getvalue(), "label": label,
                                             "file_name": f"img{i}.png"}))
   writer.close()
   with pytest.raises(ValueError, match=r"'img2.png' has label id 7, outside .* 0\.\.2"):
@@ -422,7 +424,7 @@ def test_lpips_and_jpeg_roundtrip(assets, tok, fid_calls, direct, tmp_path):
   rows = read_csv(tmp_path / "work" / "per_image.csv")
   index = [direct["keys"].index(r["key"]) for r in rows]  # these images are in the main run
   x, y = direct["x"][index], np.clip(direct["recon"][index], -1, 1)
-  want = jax.jit(lpips_lib.lpips_fn(lpips_lib.load_lpips(tmp_path / "lpips.npz")))(x, y)
+  want = jax.jit(lpips_lib.lpips_fn(lpips_weights.load(tmp_path / "lpips.npz")))(x, y)
   np.testing.assert_allclose([float(r["lpips"]) for r in rows], want, rtol=1e-3, atol=1e-5)
   assert res["lpips"] == pytest.approx(float(np.mean(want)), rel=1e-3)
 

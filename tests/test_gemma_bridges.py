@@ -14,12 +14,12 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AxisType, PartitionSpec
 
+from dualtoken_jax.bridges import gemma_hf
+from dualtoken_jax.bridges import gemma_orbax
+from dualtoken_jax.bridges import layout
 from dualtoken_jax.bridges.tensor_files import CheckpointError, read_tensors, write_safetensors
 from dualtoken_jax.llm import GemmaLM
 from dualtoken_jax.llm import config as C
-from dualtoken_jax.llm import hf_bridge
-from dualtoken_jax.llm import layout
-from dualtoken_jax.llm import orbax_bridge
 
 GEMMA = pathlib.Path(__file__).parent / "fixtures" / "gemma"
 
@@ -39,6 +39,24 @@ def _assert_same_params(params, reference):
   for k in reference:
     assert flat[k].dtype == reference[k].dtype, k
     np.testing.assert_array_equal(flat[k], reference[k], err_msg=k)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_gemmalm_checks_its_params_against_the_config(gemma3, scan):
+  lm, _ = gemma3
+  config = C.replace(lm.config, scan_layers=scan)
+  flat = {k: np.zeros(s, np.float32) for k, s in gemma_orbax.S.param_shapes(config).items()}
+  GemmaLM(config, layout.unflatten(flat))  # the config's own tree
+  block = "layers" if scan else "layer_1"
+  del flat[f"{block}/attn/q_einsum/w"]
+  flat["final_norm/scale"] = np.zeros((3,), np.float32)
+  with pytest.raises(CheckpointError) as info:
+    GemmaLM(config, layout.unflatten(flat))
+  assert info.value.missing == [f"{block}/attn/q_einsum/w"]
+  assert info.value.misshaped == [f"final_norm/scale: params (3,), config ({config.width},)"]
+  other_layout = lm.params if scan else GemmaLM.init(C.replace(config, scan_layers=True)).params
+  with pytest.raises(CheckpointError, match="layer_0/attn/q_einsum/w" if scan else "layers/"):
+    GemmaLM(config, other_layout)
 
 
 # ---------------------------------------------------------------- Hugging Face
@@ -62,9 +80,9 @@ def test_hf_import_lists_every_problem(tmp_path):
   del tensors["model.norm.weight"]
   tensors["model.layers.9.mlp.up_proj.weight"] = np.zeros((96, 64), np.float32)
   tensors["model.layers.2.self_attn.o_proj.weight"] = np.zeros((64, 63), np.float32)
-  config = C.config_from_hf(hf_bridge.read_config(GEMMA / "gemma2"))
+  config = C.config_from_hf(gemma_hf.read_config(GEMMA / "gemma2"))
   with pytest.raises(CheckpointError) as info:
-    hf_bridge.import_tensors(tensors, config)
+    gemma_hf.import_tensors(tensors, config)
   err = info.value
   assert err.missing == ["model.layers.1.self_attn.k_proj.weight", "model.norm.weight"]
   assert err.unexpected == ["model.layers.9.mlp.up_proj.weight"]
@@ -80,7 +98,7 @@ def test_hf_conditional_generation_keys(tmp_path, gemma3, prefix):
   renamed["lm_head.weight"] = tensors["model.embed_tokens.weight"]          # tied copy: accepted
   renamed["vision_tower.vision_model.post_layernorm.weight"] = np.ones(8, np.float32)  # skipped
   renamed["multi_modal_projector.mm_input_projection_weight"] = np.ones((8, 64), np.float32)
-  hf_config = {"model_type": "gemma3", "text_config": hf_bridge.read_config(GEMMA / "gemma3"),
+  hf_config = {"model_type": "gemma3", "text_config": gemma_hf.read_config(GEMMA / "gemma3"),
                "eos_token_id": [1, 106]}
   write_safetensors(tmp_path / "model.safetensors", renamed)
   (tmp_path / "config.json").write_text(json.dumps(hf_config))
@@ -90,7 +108,7 @@ def test_hf_conditional_generation_keys(tmp_path, gemma3, prefix):
   renamed["lm_head.weight"] = renamed["lm_head.weight"] + 1
   renamed[prefix + "layers.0.extra.weight"] = np.ones(2, np.float32)
   with pytest.raises(CheckpointError, match="lm_head.weight differs") as info:
-    hf_bridge.import_tensors(renamed, lm.config)
+    gemma_hf.import_tensors(renamed, lm.config)
   assert info.value.unexpected == [prefix + "layers.0.extra.weight"]
 
 
@@ -100,14 +118,14 @@ def test_hf_round_trip_for_other_architectures(tmp_path, model_type, kv_heads, f
   """Other layouts than the fixtures: Gemma 3 multi-query (one KV head, window 3, pattern 3:1)
   and Gemma 1 multi-head (fused qkv_einsum as in official MHA checkpoints; HF's Gemma 1
   "post_attention_layernorm" is the pre-FFN norm)."""
-  hf = dict(hf_bridge.read_config(GEMMA / "gemma3"), model_type=model_type,
+  hf = dict(gemma_hf.read_config(GEMMA / "gemma3"), model_type=model_type,
             num_key_value_heads=kv_heads, sliding_window=3, sliding_window_pattern=4)
   config = C.config_from_hf(hf)
   rng = np.random.default_rng(kv_heads)
   params = {k: rng.normal(size=s).astype(np.float32)
-            for k, s in orbax_bridge.S.param_shapes(config).items()}
+            for k, s in gemma_orbax.S.param_shapes(config).items()}
   assert f"layer_0/attn/{fused}/w" in params
-  hf_bridge.save(tmp_path, params, config)
+  gemma_hf.save(tmp_path, params, config)
   state = read_tensors(tmp_path / "model.safetensors")
   assert state["model.layers.0.self_attn.k_proj.weight"].shape == (kv_heads * 16, 64)
   if model_type == "gemma":
@@ -117,7 +135,7 @@ def test_hf_round_trip_for_other_architectures(tmp_path, model_type, kv_heads, f
     assert "model.layers.0.pre_feedforward_layernorm.weight" not in state
   else:
     assert config.attention_pattern == ("local",) * 3 + ("global",) and config.sliding_window == 3
-  loaded, again = hf_bridge.load(tmp_path)
+  loaded, again = gemma_hf.load(tmp_path)
   assert again == config
   assert sorted(loaded) == sorted(params)
   for k in params:
@@ -125,7 +143,7 @@ def test_hf_round_trip_for_other_architectures(tmp_path, model_type, kv_heads, f
 
 
 def test_config_from_hf_variants_and_errors():
-  base = hf_bridge.read_config(GEMMA / "gemma3")
+  base = gemma_hf.read_config(GEMMA / "gemma3")
   newer = dict(base, layer_types=["sliding_attention", "full_attention"] * 2,
                rope_scaling={"rope_type": "linear", "factor": 8.0})
   del newer["sliding_window_pattern"]
@@ -202,8 +220,8 @@ def test_orbax_layouts_load_exactly(tmp_path, gemma3, kind):
   # of unequal lengths (layers 0, 3 | 1 | 2), as real STACKED checkpoints have.
   tree = {"flat": flat, "stacked": _gm_stacked(flat, 3), "nested": _gm_nested(reference)}[kind]
   path = _write(tmp_path / kind, tree)
-  _, meta = orbax_bridge.read_metadata(path)
-  assert orbax_bridge.detect_layout(meta)[0] == kind
+  _, meta = gemma_orbax.read_metadata(path)
+  assert gemma_orbax.detect_layout(meta)[0] == kind
   loaded = GemmaLM.from_orbax(path, lm.config)
   _assert_same_params(loaded.params, reference)
 
@@ -298,11 +316,11 @@ def test_orbax_square_gating_follows_the_config_hint(tmp_path):
   config = C.get_config("tiny", depth=1, mlp_dim=64, transpose_gating_einsum=True)
   rng = np.random.default_rng(0)
   params = layout.unflatten({k: rng.normal(size=s).astype(np.float32)
-                             for k, s in orbax_bridge.S.param_shapes(config).items()})
-  orbax_bridge.save(tmp_path / "ckpt", params, config)
+                             for k, s in gemma_orbax.S.param_shapes(config).items()})
+  gemma_orbax.save(tmp_path / "ckpt", params, config)
   raw = ocp.StandardCheckpointer().restore(tmp_path / "ckpt")
   gating = params["layer_0"]["mlp"]["gating_einsum"]
   np.testing.assert_array_equal(raw["transformer/layer_0/mlp/gating_einsum"]["w"],
                                 gating.transpose(0, 2, 1))
-  loaded = orbax_bridge.load(tmp_path / "ckpt", config)
+  loaded = gemma_orbax.load(tmp_path / "ckpt", config)
   np.testing.assert_array_equal(loaded["layer_0"]["mlp"]["gating_einsum"], gating)

@@ -16,6 +16,9 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dualtoken_jax import convert_inception
+from dualtoken_jax.bridges import inception as inception_weights
+from dualtoken_jax.bridges import layout
+from dualtoken_jax.bridges import rules as R
 from dualtoken_jax.bridges.tensor_files import CheckpointError, write_safetensors
 from dualtoken_jax.models import inception
 
@@ -202,7 +205,7 @@ def converted(state_dict, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def variables(converted):
-  return inception.load(converted)
+  return inception_weights.load(converted)
 
 
 def assert_close(actual, expected, rel=1e-4):
@@ -237,8 +240,9 @@ def test_converter_roundtrip_and_transpose(state_dict, variables):
   np.testing.assert_array_equal(
       np.asarray(variables["batch_stats"]["Mixed_7c"]["branch_pool"]["bn"]["var"]),
       state_dict["Mixed_7c.branch_pool.bn.running_var"])
-  back = convert_inception.export(inception.flatten(jax.device_get(variables)))
-  kept = {k: v for k, v in state_dict.items() if not convert_inception._ignored(k)}
+  back = R.export_tensors(layout.flatten(jax.device_get(variables)),
+                          inception_weights.rules(inception.expected_shapes()))
+  kept = {k: v for k, v in state_dict.items() if not inception_weights._ignored(k)}
   assert set(back) == set(kept)
   for key, v in kept.items():
     np.testing.assert_array_equal(back[key], v)
@@ -250,7 +254,7 @@ def test_converter_is_strict(state_dict):
   bad["Mixed_5b.extra.conv.weight"] = np.zeros((1,), np.float32)
   bad["Mixed_7c.branch1x1.conv.weight"] = np.zeros((320, 2048, 3, 3), np.float32)
   with pytest.raises(CheckpointError) as e:
-    convert_inception.convert(bad)
+    inception_weights.convert(bad)
   assert e.value.missing == ["Mixed_5b.branch_pool.bn.running_var"]
   assert e.value.unexpected == ["Mixed_5b.extra.conv.weight"]
   assert any("Mixed_7c/branch1x1/conv/kernel" in m for m in e.value.misshaped)
@@ -264,7 +268,7 @@ def test_load_is_strict(converted, tmp_path):
   flat["params/fc/kernel"] = np.zeros((2048, 1008), np.float32)
   np.savez(tmp_path / "bad.npz", **flat)
   with pytest.raises(CheckpointError) as e:
-    inception.load(tmp_path / "bad.npz")
+    inception_weights.load(tmp_path / "bad.npz")
   assert e.value.missing == ["params/Conv2d_1a_3x3/conv/kernel"]
   assert e.value.unexpected == ["params/fc/kernel"]
   assert len(e.value.misshaped) == 1 and "Mixed_5b/branch1x1/bn/scale" in e.value.misshaped[0]

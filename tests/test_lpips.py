@@ -1,7 +1,7 @@
 """LPIPS: the converter CLI, the loader, and the Flax model against numpy and PyTorch references.
 
 Weights are seeded random ones written in the real torchvision / LPIPS key layout, so the whole
-path .safetensors -> convert_lpips -> .npz -> load_lpips -> LPIPS is exercised.
+path .safetensors -> convert_lpips -> .npz -> bridges.lpips.load -> LPIPS is exercised.
 """
 
 import functools
@@ -14,7 +14,8 @@ from safetensors.numpy import save_file
 
 from conftest import FIXTURES
 from dualtoken_jax import convert_lpips
-from dualtoken_jax.bridges.tensor_files import CheckpointError
+from dualtoken_jax.bridges import lpips as lpips_weights
+from dualtoken_jax.bridges.tensor_files import CheckpointError, write_npz
 from dualtoken_jax.models import lpips
 
 GOLDEN = FIXTURES / "losses" / "golden.npz"
@@ -55,7 +56,7 @@ def nhwc(a):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-  """(torch-layout vgg, lin, params loaded back through the CLI and load_lpips)."""
+  """(torch-layout vgg, lin, params loaded back through the CLI and bridges.lpips.load)."""
   d = tmp_path_factory.mktemp("lpips")
   vgg, lin = torch_layout_weights()
   classifier = {"classifier.0.weight": np.zeros((4, 2), np.float32), "classifier.6.bias": np.zeros(3, np.float32)}
@@ -64,7 +65,7 @@ def weights(tmp_path_factory):
   out = d / "lpips_vgg.npz"
   convert_lpips.main(["--vgg", str(d / "vgg16.safetensors"), "--lin", str(d / "vgg_lin.safetensors"),
                       "--output", str(out)])
-  return vgg, lin, lpips.load_lpips(out)
+  return vgg, lin, lpips_weights.load(out)
 
 
 _distance = jax.jit(lambda params, x, y: lpips.LPIPS().apply({"params": params}, x, y))
@@ -183,7 +184,7 @@ def test_rejects_bad_inputs():
 # --------------------------------------------------------------------------- converter and loader
 def test_converter_layout():
   vgg, lin = torch_layout_weights()
-  out = convert_lpips.convert(vgg, lin)
+  out = lpips_weights.convert(vgg, lin)
   assert {k: v.shape for k, v in out.items()} == lpips.param_shapes()
   w = vgg["features.5.weight"]  # (out=128, in=64, kh, kw)
   np.testing.assert_array_equal(out["vgg/conv5/kernel"][2, 0, 17, 99], w[99, 17, 2, 0])
@@ -202,7 +203,7 @@ def test_converter_is_strict(edit, match):
   vgg, lin = torch_layout_weights()
   edit(vgg, lin)
   with pytest.raises(CheckpointError, match=match):
-    convert_lpips.convert(vgg, lin)
+    lpips_weights.convert(vgg, lin)
 
 
 def test_converter_cli_rejects_non_npz_output(tmp_path):
@@ -225,15 +226,15 @@ def test_pth_without_torch_says_so(tmp_path):
 def test_load_lpips_without_path_explains():
   for path in (None, ""):
     with pytest.raises(ValueError, match="convert_lpips"):
-      lpips.load_lpips(path)
+      lpips_weights.load(path)
 
 
 def test_load_lpips_is_strict(tmp_path):
   arrays = {k: np.zeros(s, np.float32) for k, s in lpips.param_shapes().items()}
   del arrays["lin4/kernel"]
   arrays["vgg/conv0/kernel"] = np.zeros((3, 3, 3, 32), np.float32)
-  convert_lpips.write_npz(tmp_path / "bad.npz", arrays)
+  write_npz(tmp_path / "bad.npz", arrays)
   with pytest.raises(CheckpointError) as e:
-    lpips.load_lpips(tmp_path / "bad.npz")
+    lpips_weights.load(tmp_path / "bad.npz")
   assert e.value.missing == ["lin4/kernel"]
   assert e.value.misshaped == ["vgg/conv0/kernel: (3, 3, 3, 32), expected (3, 3, 3, 64)"]

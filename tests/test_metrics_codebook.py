@@ -1,5 +1,6 @@
 """Codebook usage statistics against hand-computed values; histogram accumulation and PNGs."""
 
+import functools
 import math
 
 import jax
@@ -47,7 +48,7 @@ def test_streaming_histogram_merge_save_load(tmp_path):
       expected[d, c] += 1
   np.testing.assert_array_equal(cs.histogram(codes, 64), expected)
   shards = [cs.CodeHistogram.zeros(4, 64).update(part) for part in np.array_split(codes, 3)]
-  merged = cs.merge_all(shards)
+  merged = functools.reduce(cs.CodeHistogram.merge, shards)
   assert merged.counts.dtype == np.int64
   np.testing.assert_array_equal(merged.counts, expected)
   merged.save(tmp_path / "hist.npz")

@@ -11,6 +11,7 @@ import skimage.data
 import skimage.metrics
 from PIL import Image
 
+from dualtoken_jax.data import images
 from dualtoken_jax.metrics import image_quality as iq
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
@@ -102,9 +103,20 @@ def test_psnr_definition_by_hand():
   np.testing.assert_allclose(iq.psnr(x, y, eps=0.0), [20.0, 10 * np.log10(48 / 0.25)], rtol=1e-5)
 
 
-def test_decoder_to_unit():
-  y = jnp.array([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0])
-  np.testing.assert_allclose(iq.decoder_to_unit(y), [0, 0, 0.5, 0.75, 1, 1])
+def test_to_unit_and_to_uint8_on_numpy_and_jax():
+  y = np.array([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0], np.float32)
+  np.testing.assert_allclose(images.to_unit(jnp.asarray(y)), [0, 0, 0.5, 0.75, 1, 1])
+  np.testing.assert_allclose(images.to_unit(y), [0, 0, 0.5, 0.75, 1, 1])
+  u8 = images.to_uint8(y)
+  assert u8.dtype == np.uint8 and u8.tolist() == [0, 0, 128, 191, 255, 255]  # round half even
+  np.testing.assert_array_equal(jax.jit(images.to_uint8)(y), u8)
+
+
+def test_host_psnr_in_uint8_and_float_ranges():
+  x = np.zeros((4, 4, 3), np.uint8)
+  assert images.psnr(x, x) == float("inf")
+  assert images.psnr(x, x + 255) == 0.0
+  assert images.psnr(np.zeros(4), np.full(4, 0.2), data_range=2.0) == pytest.approx(20.0)
 
 
 def test_clear_errors():
@@ -115,7 +127,7 @@ def test_clear_errors():
     iq.psnr(x[0, 0], x[0, 0])
   with pytest.raises(ValueError, match="uint8"):
     iq.psnr(x.astype(np.uint8), x.astype(np.uint8))
-  with pytest.raises(ValueError, match=r"\[0, 1\].*decoder_to_unit"):
+  with pytest.raises(ValueError, match=r"\[0, 1\].*to_unit"):
     iq.psnr(x - 0.5, x)
   with pytest.raises(ValueError, match="11x11"):
     iq.ssim(x[:, :10], x[:, :10])

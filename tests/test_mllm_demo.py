@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jsonl import read_jsonl
 from dualtoken_jax import config_files, generate
 from dualtoken_jax.mllm.train import train_and_evaluate
-from dualtoken_jax.training.metrics_log import read_jsonl
 
 STEPS = 100
 

@@ -11,13 +11,12 @@ import jax
 import numpy as np
 import pytest
 
+from jsonl import read_jsonl
 import mllm_testdata as T
 from dualtoken_jax import chat, config_files, tokenize
-from dualtoken_jax.mllm import state as S
 from dualtoken_jax.mllm.inference import UnifiedModel
 from dualtoken_jax.mllm.train import train_and_evaluate
 from dualtoken_jax.training import checkpoints
-from dualtoken_jax.training.metrics_log import read_jsonl
 
 STEPS = 60
 
@@ -110,7 +109,7 @@ def _restore(workdir, step=STEPS):
   restored = ckpt.manager.restore(step, args=checkpoints.ocp.args.Composite(
       state=checkpoints.ocp.args.StandardRestore()))
   ckpt.close()
-  assert S.latest_step_dir(workdir).name == str(step)
+  assert checkpoints.latest_step_dir(workdir).name == str(step)
   return restored["state"]
 
 

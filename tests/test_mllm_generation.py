@@ -17,6 +17,7 @@ from dualtoken_jax.mllm import state as S
 from dualtoken_jax.mllm.inference import UnifiedModel
 from dualtoken_jax.mllm.depth_head import DepthHead, cross_entropy
 from dualtoken_jax.mllm.model import DualTokenMLLM
+from dualtoken_jax.training.state import state_layout
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,7 @@ def chat(tmp_path_factory):
   config.init.tokenizer_seed = 1
   modules = S.Modules(config)
   mesh = sharding.single_device_mesh()
-  abstract, boxed = S.abstract_state(modules)
-  state = S.create(modules, mesh, sharding.named(S.state_specs(modules, abstract, boxed, mesh),
-                                                  mesh))
+  state = modules.create(mesh, state_layout(modules, mesh).shardings)
   spm = T.train_spm(tmp_path_factory.mktemp("spm") / "t.model", T.corpus())
   vocab = sequence.Vocabulary.load(spm, config.model.special_tokens)
   return UnifiedModel(config, state.params, state.tokenizer, vocab)
@@ -137,8 +136,7 @@ def test_sharded_sampling_equals_single_device(chat):
   reference = chat.generate_images("a photo of a cat", 4, seed=2, temperature=0.7)
   modules = S.Modules(chat.config)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
-  abstract, boxed = S.abstract_state(modules)
-  shardings = sharding.named(S.state_specs(modules, abstract, boxed, mesh), mesh)
+  shardings = state_layout(modules, mesh).shardings
   specs = " ".join(str(s.spec) for s in jax.tree.leaves(shardings.params))
   assert "fsdp" in specs and "tensor" in specs
   sharded = UnifiedModel(chat.config, jax.device_put(chat.params, shardings.params),

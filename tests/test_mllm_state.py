@@ -11,12 +11,16 @@ import mllm_testdata as T
 from dualtoken_jax import config_files
 from dualtoken_jax.parallel import sharding
 from dualtoken_jax.bridges.tensor_files import CheckpointError
-from dualtoken_jax.llm import GemmaLM, hf_bridge, layout, orbax_bridge
+from dualtoken_jax.bridges import gemma_hf
+from dualtoken_jax.bridges import gemma_orbax
+from dualtoken_jax.bridges import layout
+from dualtoken_jax.llm import GemmaLM
 from dualtoken_jax.llm import config as llm_config
 from dualtoken_jax.mllm import state as S
 from dualtoken_jax.models.dualtoken import abstract_variables
 from dualtoken_jax.tokenizer import DualTokenizer
 from dualtoken_jax.training import checkpoints
+from dualtoken_jax.training.state import state_layout
 
 CKPT_VOCAB = 120  # the checkpoint's table: the SentencePiece pieces; the MLLM config has 128
 
@@ -33,9 +37,8 @@ def create(config, mesh_shape=(1, 1, 1)):
   mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)),
                             jax.devices()[:int(np.prod(mesh_shape))])
   modules = S.Modules(config)
-  abstract, boxed = S.abstract_state(modules)
-  shardings = sharding.named(S.state_specs(modules, abstract, boxed, mesh), mesh)
-  return S.create(modules, mesh, shardings), shardings
+  shardings = state_layout(modules, mesh).shardings
+  return modules.create(mesh, shardings), shardings
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def _check_llm_subtree(state, reference):
   flat = {k: np.asarray(v) for k, v in layout.flatten(jax.device_get(state.params["llm"])).items()}
   assert sorted(flat) == sorted(reference)
   for k, v in reference.items():
-    if k == orbax_bridge.EMBEDDING:
+    if k == gemma_orbax.EMBEDDING:
       np.testing.assert_array_equal(flat[k][:CKPT_VOCAB], v)
       new_rows = flat[k][CKPT_VOCAB:]
       assert new_rows.shape == (8, 64) and 0.01 < new_rows.std() < 0.03  # N(0, 0.02)
@@ -79,10 +82,10 @@ def test_gemma_checkpoint_becomes_the_llm_subtree_and_exports_back(tmp_path, gem
   expected = layout.flatten(jax.device_get(state.params["llm"]))
   if kind == "hf":
     out.export_hf(tmp_path / "out")
-    back, _ = hf_bridge.load(tmp_path / "out")
+    back, _ = gemma_hf.load(tmp_path / "out")
   else:
     out.export_orbax(tmp_path / "out")
-    back = layout.flatten(jax.device_get(orbax_bridge.load(tmp_path / "out", config.model.llm)))
+    back = layout.flatten(jax.device_get(gemma_orbax.load(tmp_path / "out", config.model.llm)))
   assert sorted(back) == sorted(expected)
   for k in expected:
     np.testing.assert_array_equal(np.asarray(back[k]), expected[k], err_msg=k)
@@ -139,7 +142,7 @@ def test_next_stage_starts_from_the_previous_stages_params(tmp_path):
     np.testing.assert_array_equal(x, y)
   assert int(resumed.step) == 0  # a new stage: fresh step count and optimiser
   with pytest.raises(FileNotFoundError, match="no training checkpoint"):
-    S.latest_step_dir(tmp_path / "nothing")
+    checkpoints.latest_step_dir(tmp_path / "nothing")
 
 
 @pytest.mark.parametrize("spec, stage, lr, batch, trains", [
@@ -154,7 +157,7 @@ def test_paper_stage_configs_freeze_the_right_parts(spec, stage, lr, batch, trai
   config = config_files.load(f"{spec}:llm=gemma_2b" if ":" not in spec else f"{spec},llm=gemma_2b")
   assert (config.stage, config.optimizer.lr, config.batch_size) == (stage, lr, batch)
   modules = S.Modules(config)
-  abstract, _ = S.abstract_state(modules)
+  abstract, _ = modules.abstract_state()
   masks = modules.masks(abstract.params)
   trained = {part for part, tree in masks.items() if any(np.any(m) for m in jax.tree.leaves(tree))}
   frozen = {part for part, tree in masks.items() if not all(np.all(m) for m in jax.tree.leaves(tree))}

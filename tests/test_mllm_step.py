@@ -2,8 +2,6 @@
 alignment and generation stages leave their frozen parts bitwise unchanged, per-layer freezing
 of a scanned decoder, non-finite steps change nothing."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,15 +9,15 @@ import optax
 import pytest
 
 import mllm_testdata as T
-from dualtoken_jax import config_files
+from dualtoken_jax import config_files, data
 from dualtoken_jax.parallel import sharding
 from dualtoken_jax.data import load_image
-from dualtoken_jax.llm import layout
-from dualtoken_jax.mllm import data as D
+from dualtoken_jax.bridges import layout
 from dualtoken_jax.mllm import sequence
 from dualtoken_jax.mllm import state as S
 from dualtoken_jax.mllm.step import make_train_step
 from dualtoken_jax.training import optimizer as O
+from dualtoken_jax.training.state import state_layout
 
 BATCH = 8
 
@@ -66,9 +64,7 @@ def initial_state(config):
   if key not in _INITIAL:
     modules = S.Modules(config)
     mesh = sharding.single_device_mesh()
-    abstract, boxed = S.abstract_state(modules)
-    shardings = sharding.named(S.state_specs(modules, abstract, boxed, mesh), mesh)
-    _INITIAL[key] = jax.device_get(S.create(modules, mesh, shardings))
+    _INITIAL[key] = jax.device_get(modules.create(mesh, state_layout(modules, mesh).shardings))
   return _INITIAL[key]
 
 
@@ -76,9 +72,8 @@ def run_steps(config, batch, mesh_shape, steps=1, state=None):
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
   modules = S.Modules(config)
-  abstract, boxed = S.abstract_state(modules)
-  shardings = sharding.named(S.state_specs(modules, abstract, boxed, mesh), mesh)
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+  shardings = state_layout(modules, mesh).shardings
+  batch_sharding = data.batch_sharding(mesh)
   key = (config.to_json(), mesh_shape)
   if key not in _COMPILED:
     _COMPILED[key] = jax.jit(make_train_step(modules, mesh),
@@ -188,7 +183,7 @@ def test_per_layer_freezing_of_a_scanned_decoder():
   config.model.llm.scan_layers = True
   config.frozen = [r"llm/layer_0/.*", r"llm/embedder/.*"]
   modules = S.Modules(config)
-  abstract, _ = S.abstract_state(modules)
+  abstract, _ = modules.abstract_state()
   params = jax.tree.map(lambda a: np.full(a.shape, 0.5, a.dtype), abstract.params)
   masks = modules.masks(params)
   q = masks["llm"]["layers"]["attn"]["q_einsum"]["w"]
@@ -209,9 +204,3 @@ def test_per_layer_freezing_of_a_scanned_decoder():
 def _changed(before, after) -> set[str]:
   a, b = layout.flatten(before), layout.flatten(after)
   return {k for k in a if not np.array_equal(np.asarray(a[k]), np.asarray(b[k]))}
-
-
-def test_skip_reasons_extend_the_shared_ones():
-  assert D.SKIP_REASONS[:6] == ("missing", "read_error", "empty", "decode_error", "too_large",
-                                "bad_member")
-  assert re.fullmatch(r"\w+", " ".join(D.SKIP_REASONS).replace(" ", "_"))

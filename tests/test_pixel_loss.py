@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dualtoken_jax import config_files
+from dualtoken_jax import config_files, data
 
 from dualtoken_jax.parallel import sharding
 from dualtoken_jax.losses import gan as G
@@ -17,7 +17,7 @@ from dualtoken_jax.models.chunked_attention import query_chunked
 from dualtoken_jax.models.discriminator import PatchDiscriminator
 from dualtoken_jax.models.dualtoken import DualToken, init_variables
 from dualtoken_jax.tokenizer_training import pixel_loss as PL
-from dualtoken_jax.tokenizer_training.step import activation_sharding, adaptive_weight
+from dualtoken_jax.training.state import activation_sharding
 
 SIZE = 32  # configs/demo_cpu.py:test
 
@@ -58,12 +58,11 @@ def test_encoder_with_attention_blocks_equals_full():
 
 def test_map_chunks_keeps_order_and_sums_on_a_mesh():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
-  rules = ml_collections.ConfigDict({"sharding_rules": [list(r) for r in sharding.DEFAULT_RULES]})
   x = jnp.arange(32 * 3, dtype=jnp.float32).reshape(32, 3)
-  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+  batch = data.batch_sharding(mesh)
 
   def f(x):
-    with activation_sharding(rules, x):
+    with activation_sharding(sharding.DEFAULT_RULES, mesh):
       assert PL.batch_shards() == 8
       return PL.map_chunks(lambda a: ({"twice": 2 * a}, {"sum": jnp.sum(a)}), x, chunk=3)  # -> 2
 
@@ -95,17 +94,29 @@ def _decode(model, variables, params):
 
 @pytest.mark.parametrize("chunk", [0, 2])
 def test_pixel_loss_equals_the_direct_formulation(pixel_setup, chunk):
-  """Loss value and parameter gradients against differentiating MSE, LPIPS and λ·L_G directly."""
+  """Loss value and parameter gradients against differentiating MSE, LPIPS and λ·L_G directly,
+  λ from the gradients of L_nll and L_G through the whole decoder (not via conv_out's input)."""
   config, model, variables, images, zq, lpips, disc, disc_params = pixel_setup
   loss_cfg, gan_cfg = config.loss, config.gan
   disc_fn = lambda r: disc.apply({"params": disc_params}, r)
 
+  nll = lambda r: jnp.mean((r - images) ** 2) + loss_cfg.lpips * jnp.mean(lpips(r, images))
+  g_fn = lambda r: -jnp.mean(disc_fn(r))
+
+  @jax.jit
+  def full_lambda(params, z):  # λ is a constant of the loss: computed once, outside its gradient
+    def kernel_grad(loss_fn):  # ∇_W loss(decoder(z)), W = conv_out's kernel
+      with_kernel = lambda k: {**params, "decoder": {**params["decoder"], "conv_out": {
+          **params["decoder"]["conv_out"], "kernel": k}}}
+      return jax.grad(lambda k: loss_fn(_decode(model, variables, with_kernel(k))(z)[0]))(
+          params["decoder"]["conv_out"]["kernel"])
+    return G.adaptive_gan_weight(kernel_grad(nll), kernel_grad(g_fn), gan_cfg.adaptive_min,
+                                 gan_cfg.adaptive_max)
+
+  lam = full_lambda(variables["params"], zq)
+
   def direct(params, z):
-    recon, h = _decode(model, variables, params)(z)
-    nll = lambda r: jnp.mean((r - images) ** 2) + loss_cfg.lpips * jnp.mean(lpips(r, images))
-    g_fn = lambda r: G.generator_loss(disc_fn(r))
-    lam = adaptive_weight(params["decoder"]["conv_out"], h, recon, nll, g_fn,
-                          gan_cfg.adaptive_min, gan_cfg.adaptive_max)
+    recon, _ = _decode(model, variables, params)(z)
     return (loss_cfg.mse * jnp.mean((recon - images) ** 2) + loss_cfg.lpips * jnp.mean(lpips(recon, images))
             + gan_cfg.weight * lam * g_fn(recon)), lam
 

@@ -24,6 +24,13 @@ def np_nearest(x, codebook):
   return d.argmin(1)
 
 
+def _fresh_ema_state(codebook):
+  """The quantiser's initial `vq_stats`: zero counts, sums equal to the table."""
+  codebook = jnp.asarray(codebook, jnp.float32)
+  return dict(codebook=codebook, cluster_size=jnp.zeros(codebook.shape[:1], jnp.float32),
+              embed_sum=codebook)
+
+
 def np_ema(state, vectors, codes, decay=0.99, eps=1e-5):
   k = state["cluster_size"].shape[0]
   one_hot = np.zeros((k, len(codes)), np.float64)
@@ -96,7 +103,7 @@ def test_straight_through_and_commitment_gradients():
 
 def test_ema_step_matches_one_hot_reference():
   rng = np.random.default_rng(3)
-  state = codebook_ema.init_state(rng.normal(size=(40, 8)).astype(np.float32))
+  state = _fresh_ema_state(rng.normal(size=(40, 8)).astype(np.float32))
   state["cluster_size"] = rng.uniform(0, 3, size=40).astype(np.float32)
   vectors = rng.normal(size=(300, 8)).astype(np.float32)
   codes = rng.integers(0, 40, size=300)
@@ -109,7 +116,7 @@ def test_ema_step_matches_one_hot_reference():
 def test_restart_replaces_only_dead_codes_with_batch_vectors():
   rng = np.random.default_rng(4)
   k = 64
-  state = codebook_ema.init_state(rng.normal(size=(k, 4)).astype(np.float32))
+  state = _fresh_ema_state(rng.normal(size=(k, 4)).astype(np.float32))
   state["cluster_size"] = jnp.where(jnp.arange(k) < 32, 5.0, 0.0)  # codes 32.. are dead
   vectors = rng.normal(size=(20, 4)).astype(np.float32)  # fewer vectors than codes: tiled + jitter
   codes = np.zeros(20, np.int32)

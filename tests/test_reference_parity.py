@@ -13,8 +13,9 @@ import pytest
 from conftest import FIXTURES
 
 from dualtoken_jax import DualTokenizer
-from dualtoken_jax.bridges import siglip
-from dualtoken_jax.models.dualtoken import DualToken
+from dualtoken_jax.bridges import dualtoken as weights
+from dualtoken_jax.bridges import layout
+from dualtoken_jax.models.dualtoken import DualToken, vision_tower
 from dualtoken_jax.quantization.quantizer import ResidualQuantizer
 
 REF = FIXTURES / "dualtoken_ref_a"
@@ -33,10 +34,9 @@ def nhwc(x):
 def load(checkpoint, scan):
   tok = DualTokenizer.from_reference(REF / checkpoint, REF / "config.json")
   if scan:  # same weights, stacked-block layout
-    from dualtoken_jax.bridges import flat as F  # pylint: disable=g-import-not-at-top
     cfg = ml_collections.ConfigDict(tok.config.to_dict())
     cfg.scan_layers = True
-    variables = F.unflatten(F.to_model_layout(F.to_loop(F.flatten(F.to_host(tok.variables))), True))
+    variables = layout.unflatten(layout.to_scan(layout.to_loop(layout.flatten(layout.to_host(tok.variables)))))
     tok = DualTokenizer(cfg, variables)
   return tok
 
@@ -100,7 +100,9 @@ def test_pixel_ema_pass_matches_reference(golden):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_hf_siglip_teacher_matches_reference(golden, scan):
-  module, params = siglip.load_vision_tower(REF / "siglip", scan=scan)
+  config = load("checkpoint.safetensors", scan).config  # the fixture's SigLIP tower
+  params = weights.init_with_siglip(config, REF / "siglip")["params"]["img"]
+  module = vision_tower(config)
   pooled, hidden = module.apply({"params": params}, jnp.asarray(nhwc(golden["images"])), collect=True)
   np.testing.assert_allclose(hidden, golden["teacher_hidden_states"], atol=1e-4)
   np.testing.assert_allclose(pooled, golden["teacher_pooled"], atol=1e-4)

@@ -1,5 +1,7 @@
 """The public `DualTokenizer` API on the tiny config: shapes, consistency, saving, bad inputs."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ import skimage.transform
 from dualtoken_jax import DualTokenizer, DualTokens
 from dualtoken_jax import config_files
 from dualtoken_jax.models import config as model_config
-from dualtoken_jax.bridges import flat as F
+from dualtoken_jax.bridges import layout
 from dualtoken_jax.models.dualtoken import DualToken
 
 
@@ -66,7 +68,7 @@ def test_code_embeddings_are_the_quantised_vectors(tok, photos):
 def test_scan_and_remat_layouts_compute_the_same_function(tok, photos):
   cfg = tok.config.copy_and_resolve_references()
   cfg.scan_layers, cfg.remat_policy = True, "full"
-  variables = F.unflatten(F.to_model_layout(F.to_loop(F.flatten(F.to_host(tok.variables))), True))
+  variables = layout.unflatten(layout.to_scan(layout.to_loop(layout.flatten(layout.to_host(tok.variables)))))
   scanned = DualTokenizer(cfg, variables)
   assert "encoderblock" in scanned.variables["params"]["img"]["Transformer"]
   np.testing.assert_array_equal(scanned.encode(photos).pixel, tok.encode(photos).pixel)
@@ -79,8 +81,8 @@ def test_scan_and_remat_layouts_compute_the_same_function(tok, photos):
 
   g_loop = jax.grad(loss)(tok.variables["params"], tok.model, tok.variables)
   g_scan = jax.grad(loss)(scanned.variables["params"], scanned.model, scanned.variables)
-  g_scan = F.to_loop(F.flatten({"params": g_scan}))
-  for k, v in F.flatten({"params": g_loop}).items():
+  g_scan = layout.to_loop(layout.flatten({"params": g_scan}))
+  for k, v in layout.flatten({"params": g_loop}).items():
     if k.startswith("params/img/"):
       np.testing.assert_allclose(g_scan[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
   assert np.abs(g_loop["img"]["Transformer"]["encoderblock_0"]["LayerNorm_0"]["scale"]).max() > 0
@@ -114,9 +116,86 @@ def test_save_and_from_pretrained_round_trip(tok, photos, tmp_path):
     DualTokenizer.from_pretrained(tmp_path)
 
 
+def test_siglip_embedding_is_the_plain_tower_without_the_quantiser(tok, photos):
+  emb = tok.siglip_embedding(photos)
+  by_hand = tok.model.apply(tok.variables, photos.astype(np.float32) / 127.5 - 1,
+                            method=lambda m, x: m.img(x))  # the SigLIP tower alone
+  by_hand = np.asarray(by_hand) / np.linalg.norm(by_hand, axis=-1, keepdims=True)
+  assert emb.shape == (2, 64)
+  np.testing.assert_allclose(emb, by_hand, atol=1e-5)
+  np.testing.assert_allclose(jnp.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
+  # The quantised semantic path replaces block layer_sem's output: a different embedding.
+  assert np.abs(np.asarray(emb) - np.asarray(tok.image_embedding(photos))).max() > 1e-2
+  with pytest.raises(ValueError, match="128, 128, 3"):
+    tok.siglip_embedding(photos[:, :64])
+
+
+def test_from_pretrained_reads_an_older_config_json(tok, photos, tmp_path):
+  """A config.json written before some fields existed loads with those fields' defaults."""
+  tok.save(tmp_path / "old")
+  path = tmp_path / "old" / "config.json"
+  saved = json.loads(path.read_text())
+  for fields in (saved, saved["decoder"], saved["vq_pix"], saved["vq_sem"]):
+    for key in ("attention_chunk", "remat", "distance_chunk"):
+      fields.pop(key, None)
+  del saved["projection_heads"], saved["text"]["layer_norm_eps"]
+  path.write_text(json.dumps(saved))
+  again = DualTokenizer.from_pretrained(tmp_path / "old")
+  c = again.config
+  assert c.attention_chunk == 0 and c.decoder.remat is False and c.projection_heads is None
+  assert c.vq_pix.distance_chunk == c.vq_sem.distance_chunk == 2048
+  assert c.text.layer_norm_eps == 1e-6
+  assert c.decoder.ch_mult == (1, 1, 2, 2, 4) and isinstance(c.decoder.attn_resolutions, tuple)
+  assert c.to_dict() == tok.config.to_dict()
+  np.testing.assert_array_equal(again.encode(photos).pixel, tok.encode(photos).pixel)
+
+
+def test_config_from_dict_merges_over_defaults_and_names_missing_fields():
+  cfg = tiny_config()
+  saved = json.loads(cfg.to_json_best_effort())
+  saved["decoder_latent_shape"] = [8, 8]
+  del saved["scan_layers"]
+  loaded = model_config.from_dict(saved)
+  assert loaded.decoder_latent_shape == (8, 8) and loaded.scan_layers is False
+  assert loaded.vq_sem.ema_update == "pooled" and loaded.text.vocab_size == 1000
+  del saved["vision"]["patch_size"], saved["layer_sem"]
+  with pytest.raises(model_config.ConfigError, match="layer_sem, vision.patch_size"):
+    model_config.from_dict(saved)
+
+
 def test_text_tower(tok):
-  text = tok.model.apply(tok.variables, jnp.zeros((3, 16), jnp.int32), method=DualToken.encode_text)
-  assert text.shape == (3, 64)
+  tokens = np.random.default_rng(0).integers(0, 1000, (3, 16)).astype(np.int32)
+  text = tok.text_embedding(tokens)
+  assert text.shape == (3, 64) and text.dtype == jnp.float32
+  np.testing.assert_allclose(jnp.linalg.norm(text, axis=-1), 1.0, rtol=1e-5)
+  by_hand = np.asarray(tok.model.apply(tok.variables, tokens, method=lambda m, t: m.txt(t)))
+  np.testing.assert_allclose(text, by_hand / np.linalg.norm(by_hand, axis=-1, keepdims=True),
+                             atol=1e-5)
+  np.testing.assert_allclose(text, tok.model.apply(tok.variables, tokens,
+                                                   method=DualToken.encode_text), atol=1e-6)
+  assert np.abs(np.asarray(text[0]) - np.asarray(text[1])).max() > 1e-2  # depends on the tokens
+  # The last token is read, so a shorter prompt is a different (valid) input.
+  assert tok.text_embedding(tokens[:, :5]).shape == (3, 64)
+
+
+@pytest.mark.parametrize("tokens,error,match", [
+    (np.zeros((16,), np.int32), ValueError, "shape"),
+    (np.zeros((1, 17), np.int32), ValueError, "16"),
+    (np.zeros((0, 16), np.int32), ValueError, "empty"),
+    (np.zeros((1, 16), np.float32), TypeError, "integers"),
+    (np.full((1, 16), 1000, np.int32), ValueError, r"\[0, 1000\)"),
+    ([[1, 2]], TypeError, "array"),
+])
+def test_bad_text_tokens_fail_clearly(tok, tokens, error, match):
+  with pytest.raises(error, match=match):
+    tok.text_embedding(tokens)
+
+
+def test_text_embedding_without_a_text_tower_says_so():
+  cfg = tiny_config()
+  cfg.text = None
+  with pytest.raises(ValueError, match="no text tower"):
+    DualTokenizer(cfg, {}).text_embedding(np.zeros((1, 16), np.int32))
 
 
 @pytest.mark.parametrize("images,error,match", [
@@ -175,7 +254,7 @@ def test_shipped_configs_validate_and_build(spec, grid, depth):
   assert model_config.grid_size(cfg) == grid and cfg.vq_pix.depth == cfg.vq_sem.depth == depth
   model_config.validate(cfg)
   from dualtoken_jax.models.dualtoken import abstract_variables  # pylint: disable=g-import-not-at-top
-  shapes = F.shapes(abstract_variables(cfg))
+  shapes = layout.shapes(abstract_variables(cfg))
   g = model_config.grid_size(cfg)
   assert shapes["params/img/pos_embedding"] == (1, g * g, cfg.vision.width)
   assert shapes["vq_stats/quantizer_pix/codebook"] == (cfg.vq_pix.codebook_size, cfg.vq_pix.embed_dim)

@@ -2,6 +2,7 @@
 exits, incomplete checkpoints are ignored, bad data is skipped and counted, NaN losses halt."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import jax
 import numpy as np
 import pytest
 
+from jsonl import read_jsonl
 from dualtoken_jax import DualTokenizer, config_files
 from dualtoken_jax.training import checkpoints
+from dualtoken_jax.training.loop import PREEMPTED_EXIT_CODE
 from dualtoken_jax.tokenizer_training.train import NonFiniteLossError, train_and_evaluate
-from dualtoken_jax.training.metrics_log import read_jsonl
 
 OVERRIDES = dict(total_steps=1000, log_every_steps=1, max_consecutive_nonfinite=3)
 
@@ -94,7 +96,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   wait_for(tmp_path / "checkpoints" / "4", proc)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out[-3000:]
+  # A distinct status, so that a scheduler restarting failed jobs restarts a preempted one.
+  assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
+  last_line = out.strip().splitlines()[-1]
+  assert re.search(r"preempted at step \d+, checkpoint saved", last_line), last_line
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   logged = max(r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss/total" in r)
   assert steps[-1] == logged >= 4  # the step it was at when the signal came, not an older one

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dualtoken_jax import config_files
+from dualtoken_jax import config_files, data
+from dualtoken_jax.training.state import state_layout
 
 from dualtoken_jax.parallel import sharding
-from dualtoken_jax.bridges import flat as F
+from dualtoken_jax.bridges import layout
 from dualtoken_jax.models import lpips as lpips_model
 from dualtoken_jax.tokenizer_training import state as S
 from dualtoken_jax.tokenizer_training.step import make_train_step
@@ -51,9 +52,7 @@ def initial_state(config, modules):
   key = config.to_json()
   if key not in _INITIAL:
     mesh = sharding.single_device_mesh()
-    abstract, boxed = S.abstract_state(modules, (1, SIZE, SIZE, 3))
-    shardings = sharding.named(S.state_specs(modules, abstract, boxed, mesh), mesh)
-    _INITIAL[key] = jax.device_get(S.create(modules, (1, SIZE, SIZE, 3), mesh, shardings))
+    _INITIAL[key] = jax.device_get(modules.create(mesh, state_layout(modules, mesh).shardings))
   return _INITIAL[key]
 
 
@@ -62,10 +61,9 @@ def run_step(config, images, mesh_shape, lpips=None, with_gan=True, steps=1):
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
   modules = S.Modules(config)
-  abstract, boxed = S.abstract_state(modules, (1, SIZE, SIZE, 3))
-  shardings = sharding.named(S.state_specs(modules, abstract, boxed, mesh), mesh)
+  shardings = state_layout(modules, mesh).shardings
   state = jax.device_put(initial_state(config, modules), shardings)
-  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+  batch = data.batch_sharding(mesh)
   key = (config.to_json(), mesh_shape, lpips is not None, with_gan)
   if key not in _COMPILED:
     _COMPILED[key] = jax.jit(make_train_step(modules, lpips, with_gan),
@@ -120,8 +118,8 @@ def test_stage_freezing_in_a_real_step(images, stage, scan):
   config = demo_config(stage=stage, scan=scan)
   first, state, metrics, _ = run_step(config, images, (1, 1, 1), with_gan=False, steps=2)
   assert metrics["finite"] == 1.0
-  before = F.to_loop(F.flatten({"params": F.to_host(first.params)}))
-  after = F.to_loop(F.flatten({"params": F.to_host(state.params)}))
+  before = layout.to_loop(layout.flatten({"params": layout.to_host(first.params)}))
+  after = layout.to_loop(layout.flatten({"params": layout.to_host(state.params)}))
   import re  # pylint: disable=g-import-not-at-top
   frozen = [re.compile(p) for p in config.frozen]
   changed = {k for k in before if not np.array_equal(before[k], after[k])}

@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dualtoken_jax import config_files
+from dualtoken_jax import config_files, data
 
 from dualtoken_jax.parallel import sharding
 from dualtoken_jax.bench import timing
@@ -34,6 +34,7 @@ from dualtoken_jax.llm.gemma import GemmaDecoder, frozen
 from dualtoken_jax.mllm import config as C
 from dualtoken_jax.mllm import state as S
 from dualtoken_jax.mllm.step import make_train_step
+from dualtoken_jax.training.state import state_layout, tree_nbytes
 
 GIB = 2**30
 
@@ -116,9 +117,9 @@ def sft_memory_rows(fsdp: int, batch_per_device: int, max_len: int) -> list[str]
   config = config_files.load("mllm_sft:llm=gemma_2b")
   config.batch_size = batch_per_device * mesh.size
   modules = S.Modules(config)
-  abstract, boxed = S.abstract_state(modules)
-  shardings = sharding.named(S.state_specs(modules, abstract, boxed, mesh), mesh)
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+  layout = state_layout(modules, mesh)
+  abstract, shardings = layout.abstract, layout.shardings
+  batch_sharding = data.batch_sharding(mesh)
   b, size = config.batch_size, config.model.tokenizer.image_size
   array = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
   batch = {k: array((b, max_len), bool) for k in ("image_mask", "input_mask", "loss_mask")}
@@ -126,22 +127,18 @@ def sft_memory_rows(fsdp: int, batch_per_device: int, max_len: int) -> list[str]
                has_image=array((b,), bool), image=array((b, size, size, 3), jnp.float32))
   compiled = jax.jit(make_train_step(modules, mesh), in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, None), donate_argnums=0).lower(
-                         S.with_shardings(abstract, shardings), batch).compile()
+                         layout.targets(), batch).compile()
   m = compiled.memory_analysis()
-  params = _nbytes(abstract.params)
+  params = tree_nbytes(abstract.params)
   return [
       f"MLLM SFT step, gemma_2b-shaped LLM + SigLIP-L/16-256 DualToken (frozen, in the step), "
       f"{b} samples ({batch_per_device}/device) x {max_len} tokens "
       f"({C.num_image_positions(config.model)} image positions) on mesh {dict(mesh.shape)}:",
       f"  trained params {params / GIB:.2f} GiB fp32 + Adam moments "
-      f"{_nbytes(abstract.opt_state) / GIB:.2f} GiB + tokenizer "
-      f"{_nbytes(abstract.tokenizer) / GIB:.2f} GiB, all sharded over fsdp={fsdp}",
+      f"{tree_nbytes(abstract.opt_state) / GIB:.2f} GiB + tokenizer "
+      f"{tree_nbytes(abstract.tokenizer) / GIB:.2f} GiB, all sharded over fsdp={fsdp}",
       f"  per device: arguments {m.argument_size_in_bytes / GIB:.2f} GiB, temporaries "
       f"{m.temp_size_in_bytes / GIB:.2f} GiB, peak ~ {timing.memory(compiled)[0] / GIB:.2f} GiB"]
-
-
-def _nbytes(tree) -> int:
-  return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def run(argv: list[str]) -> str:

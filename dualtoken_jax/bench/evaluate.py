@@ -21,7 +21,8 @@ import numpy as np
 
 from dualtoken_jax import config_files
 from dualtoken_jax.bench import timing
-from dualtoken_jax.bridges import flat as F
+from dualtoken_jax.bridges import layout
+from dualtoken_jax.data.images import to_unit
 from dualtoken_jax.evaluation import steps
 from dualtoken_jax.models import inception
 from dualtoken_jax.models.dualtoken import abstract_variables
@@ -31,7 +32,7 @@ def random_like(abstract, seed: int = 0):
   """Host-drawn stand-in weights: N(0, 1/fan_in) kernels, unit scales, zero biases."""
   rng = np.random.default_rng(seed)
   out = {}
-  for path, leaf in F.flatten(abstract).items():
+  for path, leaf in layout.flatten(abstract).items():
     name = path.rsplit("/", 1)[-1]
     if name in ("scale", "var", "cluster_size"):
       value = np.ones(leaf.shape)
@@ -42,7 +43,7 @@ def random_like(abstract, seed: int = 0):
     else:
       value = rng.normal(size=leaf.shape) * 0.5
     out[path] = jnp.asarray(value, leaf.dtype)
-  return F.unflatten(out)
+  return layout.unflatten(out)
 
 
 def run(argv: list[str]) -> str:
@@ -52,7 +53,7 @@ def run(argv: list[str]) -> str:
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--fid_resize", default="bilinear", choices=steps.FID_RESIZE)
   a = p.parse_args(argv)
-  mesh = steps.make_mesh()
+  mesh = sharding.make_mesh({"data": -1})  # all devices on the data axis
   net = inception.FIDInceptionV3(resize_input=a.fid_resize == "bilinear")
   inc_vars = steps.replicate(random_like(jax.eval_shape(
       net.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32)), 1), mesh)
@@ -73,7 +74,7 @@ def run(argv: list[str]) -> str:
       return step(v, None, x, m)
 
     def rfid(v, x):  # two different inputs, as input and reconstruction are
-      return features(v, (x + 1.0) * 0.5), features(v, (1.0 - x) * 0.5)
+      return features(v, to_unit(x)), features(v, to_unit(-x))
 
     def total(tv, iv, x, m, step=step):
       out = step(tv, None, x, m)

@@ -26,6 +26,7 @@ from dualtoken_jax.mllm import config as C
 from dualtoken_jax.mllm import generation
 from dualtoken_jax.mllm import model as M
 from dualtoken_jax.mllm import state as S
+from dualtoken_jax.training.state import state_layout
 
 GIB = 2**30
 PROMPT = 12  # caption tokens (template included) before <image_gen_start>
@@ -44,18 +45,16 @@ def _sampler(modules, guided: bool):
       guided=guided, cfg_scale=3.0, temperature=1.0, top_k=900, top_p=0.96)
 
 
-def demo_rows(images: int, iters: int) -> list[str]:
+def demo_rows(images: int, iters: int, guided_modes=(False, True)) -> list[str]:
   config = config_files.load("demo_mllm_cpu")
   modules = S.Modules(config)
   mesh = sharding.single_device_mesh()
-  abstract, boxed = S.abstract_state(modules)
-  state = S.create(modules, mesh, sharding.named(S.state_specs(modules, abstract, boxed, mesh),
-                                                  mesh))
+  state = modules.create(mesh, state_layout(modules, mesh).shardings)
   n = C.num_image_positions(config.model)
   lines = [f"demo MLLM (LLM width {config.model.llm.width} x {config.model.llm.depth} layers, "
            f"heads {C.head_width(config.model)} x {config.model.heads.num_layers} layers, "
            f"{n} positions x D=4+4 codes), {images} images per call:"]
-  for guided in (False, True):
+  for guided in guided_modes:
     rows = 2 * images if guided else images
     sample = jax.jit(_sampler(modules, guided))
     args = (state.params, state.tokenizer, *_inputs(rows, config.model.llm.vocab_size))
@@ -72,7 +71,7 @@ def gemma_2b_rows() -> list[str]:
   config = config_files.load("mllm_generation:llm=gemma_2b")
   config.model.llm.scan_layers = False  # unrolled: XLA's cost analysis counts a scan body once
   modules = S.Modules(config)
-  abstract, _ = S.abstract_state(modules)
+  abstract, _ = modules.abstract_state()
   n = C.num_image_positions(config.model)
   heads = sum(np.prod(x.shape) for k, v in abstract.params.items() if k.startswith("gen_")
               for x in jax.tree.leaves(v))
@@ -93,8 +92,10 @@ def run(argv: list[str]) -> str:
   p.add_argument("--images", type=int, default=4)
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--skip_2b", action="store_true", help="only the demo-model timing")
+  p.add_argument("--cfg", choices=("both", "off", "on"), default="both",
+                 help="time the demo model without and/or with classifier-free guidance")
   a = p.parse_args(argv)
-  lines = demo_rows(a.images, a.iters)
+  lines = demo_rows(a.images, a.iters, {"both": (False, True), "off": (False,), "on": (True,)}[a.cfg])
   if not a.skip_2b:
     lines += gemma_2b_rows()
   lines.append(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")

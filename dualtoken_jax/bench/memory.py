@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from dualtoken_jax.parallel import sharding
 from dualtoken_jax.bench import train_step as T
-from dualtoken_jax.tokenizer_training import state as S
+from dualtoken_jax.training.state import tree_nbytes
 
 
 def disable_remat(config) -> None:
@@ -37,12 +37,12 @@ def disable_remat(config) -> None:
 
 def describe(config) -> str:
   m = config.model
-  if m.remat_policy == "none" and not m.decoder.remat and not m.get("attention_chunk", 0):
+  if m.remat_policy == "none" and not m.decoder.remat and not m.attention_chunk:
     remat = "no remat"
   else:
     remat = (f"remat: blocks/projections {m.remat_policy}, decoder {'on' if m.decoder.remat else 'off'}, "
-             f"attention in blocks of {m.get('attention_chunk', 0) or 'all'} queries")
-  chunk = config.loss.get("pixel_chunk", 0)
+             f"attention in blocks of {m.attention_chunk or 'all'} queries")
+  chunk = config.loss.pixel_chunk
   return f"{remat}, decoder/LPIPS/D on {chunk or 'all'} images per device at a time"
 
 
@@ -52,6 +52,8 @@ def run(argv: list[str]) -> str:
   p.add_argument("--batch_per_device", type=int, default=32)
   p.add_argument("--fsdp", type=int, default=8)
   p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (set before jax starts)")
+  p.add_argument("--no_lpips_gan", action="store_true",
+                 help="the step without the LPIPS + GAN terms (default: with, as the recipe)")
   p.add_argument("--no_remat", action="store_true",
                  help="keep every activation: no remat anywhere, attention not in query blocks")
   a = p.parse_args(argv)
@@ -61,21 +63,20 @@ def run(argv: list[str]) -> str:
   if a.no_remat:
     disable_remat(config)
   size = config.model.image_size
-  step, shardings, batch, modules = T.build(config, True, mesh)
-  abstract, _ = S.abstract_state(modules, (1, size, size, 3))
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  step, layout, batch, _ = T.build(config, not a.no_lpips_gan, mesh)
+  shardings, abstract, state = layout.shardings, layout.abstract, layout.targets()
   images = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch)
   compiled = jax.jit(step, in_shardings=(shardings, batch), out_shardings=(shardings, None),
                      donate_argnums=0).lower(state, images).compile()
   m = compiled.memory_analysis()
   gib = lambda b: b / 2**30
-  params = S.tree_nbytes(abstract.params) + S.tree_nbytes(abstract.teacher)
+  params = tree_nbytes(abstract.params) + tree_nbytes(abstract.teacher)
   lines = [
       f"{a.config} stage {config.stage}: {config.batch_size} images ({a.batch_per_device}/device) "
       f"at {size} px on mesh {dict(mesh.shape)}, bf16 compute, fp32 weights",
       f"  {describe(config)}",
       f"  model+teacher params {gib(params):.2f} GiB in total (fp32), optimiser state "
-      f"{gib(S.tree_nbytes(abstract.opt_state)):.2f} GiB, sharded over fsdp={a.fsdp}",
+      f"{gib(tree_nbytes(abstract.opt_state)):.2f} GiB, sharded over fsdp={a.fsdp}",
       f"  per device: arguments {gib(m.argument_size_in_bytes):.2f} GiB, outputs "
       f"{gib(m.output_size_in_bytes):.2f} GiB (aliased {gib(m.alias_size_in_bytes):.2f}), "
       f"temporaries {gib(m.temp_size_in_bytes):.2f} GiB",

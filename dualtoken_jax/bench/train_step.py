@@ -13,7 +13,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from dualtoken_jax import config_files
+from dualtoken_jax import config_files, data
 
 from dualtoken_jax.parallel import sharding
 from dualtoken_jax.bench import timing
@@ -21,6 +21,7 @@ from dualtoken_jax.models import lpips as lpips_model
 from dualtoken_jax.tokenizer_training import recipe
 from dualtoken_jax.tokenizer_training import state as S
 from dualtoken_jax.tokenizer_training.step import make_train_step
+from dualtoken_jax.training.state import state_layout
 
 
 def training_config(spec: str, batch: int):
@@ -42,19 +43,16 @@ def loop_free(config):
 
 
 def build(config, with_extras: bool, mesh):
-  """(jitted step, state, images) on `mesh`."""
-  size = config.model.image_size
+  """(step function, state layout, batch sharding, modules) on `mesh`."""
   modules = S.Modules(config)
-  abstract, boxed = S.abstract_state(modules, (1, size, size, 3))
-  shardings = sharding.named(S.state_specs(modules, abstract, boxed, mesh), mesh)
+  layout = state_layout(modules, mesh)
   lpips = None
   if with_extras:
     params = jax.jit(lpips_model.LPIPS().init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                                jnp.zeros((1, 32, 32, 3)))["params"]
     lpips = lpips_model.lpips_fn(params)
   step = make_train_step(modules, lpips, with_gan=with_extras and config.gan.enabled)
-  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
-  return step, shardings, batch, modules
+  return step, layout, data.batch_sharding(mesh), modules
 
 
 def run(argv: list[str]) -> str:
@@ -62,6 +60,10 @@ def run(argv: list[str]) -> str:
   p.add_argument("--config", action="append", help="config spec(s); default: demo + ViT-B/16")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--lpips_gan", choices=("both", "off", "on"), default="both",
+                 help="time the step without and/or with the LPIPS + GAN terms")
+  p.add_argument("--no_flop_count", action="store_true",
+                 help="skip compiling the loop-free variant (FLOPs then count a loop body once)")
   a = p.parse_args(argv)
   mesh = sharding.make_mesh({"fsdp": -1})
   rows = []
@@ -69,12 +71,13 @@ def run(argv: list[str]) -> str:
     config = training_config(spec, a.batch)
     size = config.model.image_size
     images = jax.random.uniform(jax.random.key(1), (a.batch, size, size, 3), minval=-1, maxval=1)
-    for extras in (False, True):
-      step, shardings, batch, modules = build(config, extras, mesh)
-      state = S.create(modules, (1, size, size, 3), mesh, shardings)
-      counted = build(loop_free(config), extras, mesh)[0]
+    for extras in {"both": (False, True), "off": (False,), "on": (True,)}[a.lpips_gan]:
+      step, layout, batch, modules = build(config, extras, mesh)
+      shardings = layout.shardings
+      state = modules.create(mesh, shardings)
+      counted = None if a.no_flop_count else build(loop_free(config), extras, mesh)[0]
       jit = lambda f: jax.jit(f, in_shardings=(shardings, batch), out_shardings=(shardings, None))
       name = f"train {spec.split('/')[-1]} B={a.batch} {'+LPIPS+GAN' if extras else 'no LPIPS/GAN'}"
       rows.append(timing.measure(name, jit(step), (state, jax.device_put(images, batch)),
-                                 flops_fn=jit(counted), iters=a.iters))
+                                 flops_fn=counted and jit(counted), iters=a.iters))
   return timing.table(rows, timing.matmul_baseline(iters=a.iters))

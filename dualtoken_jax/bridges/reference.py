@@ -12,6 +12,7 @@ Flat paths on our side are prefixed by collection: "params/…" or "vq_stats/…
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import Mapping
@@ -142,7 +143,7 @@ def _module_rule(path: str, shape: tuple) -> R.Rule:
 
 def state_dict_rules(config, params_shapes: Mapping[str, tuple]) -> list[R.Rule]:
   """The full rule table for `config`; `params_shapes` = our loop-layout params (path -> shape)."""
-  rules = [R.Rule(r.foreign, tuple("params/" + p for p in r.ours), r.to_ours, r.to_foreign)
+  rules = [dataclasses.replace(r, ours=tuple("params/" + p for p in r.ours))
            for r in siglip.siglip_rules(config, "siglip_model.")]
   own = ("prequant_", "postquant_", "post_quant_conv/", "decoder/")
   rules += [_module_rule(p, s) for p, s in params_shapes.items() if p.startswith(own)]

@@ -10,21 +10,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
-import flax.linen as nn
-import jax
 import ml_collections
 import numpy as np
 import scipy.ndimage
-from flax import traverse_util
 
-from dualtoken_jax.models import config as model_config
+from dualtoken_jax.bridges import layout
 from dualtoken_jax.bridges import rules as R
-from dualtoken_jax.bridges.tensor_files import CheckpointError, read_npz, read_tensors
-from dualtoken_jax.models.vit import VisionTower
+from dualtoken_jax.bridges.tensor_files import CheckpointError, check_tree, read_npz, read_tensors
+from dualtoken_jax.models import config as model_config
 
 
 # ---------------------------------------------------------------- HF rule tables
@@ -115,17 +111,6 @@ def text_config_from_hf(tc: Mapping):
       max_len=tc["max_position_embeddings"], out_dim=tc.get("projection_size") or tc["hidden_size"])
 
 
-def read_hf_config(path: str | Path) -> dict:
-  """`config.json` of a HF SigLIP (a `SiglipModel` config or a bare vision config)."""
-  path = Path(path)
-  cfg = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-  if "vision_config" not in cfg and cfg.get("model_type") == "siglip_vision_model":
-    cfg = {"vision_config": cfg}
-  if "vision_config" not in cfg:
-    raise ValueError(f"{path}: not a SigLIP config (no vision_config)")
-  return cfg
-
-
 def load_hf(path: str | Path, vision, text, expected: Mapping[str, tuple]) -> dict[str, np.ndarray]:
   """HF SigLIP weights (a directory with model.safetensors, or the file) -> our flat paths.
 
@@ -145,7 +130,7 @@ def load_hf(path: str | Path, vision, text, expected: Mapping[str, tuple]) -> di
   else:  # a bare vision-tower state dict
     rules = vision_rules(vision, "")
   wanted = [r for r in rules if all(p in expected for p in r.ours)]
-  skipped = {r.foreign for r in rules} - {r.foreign for r in wanted}
+  skipped = {k for r in rules for k in r.foreign} - {k for r in wanted for k in r.foreign}
   skip_towers = ("text_model.",) if text is None else ()
   return R.import_tensors(tensors, wanted, expected, f"HF SigLIP {file}",
                           ignore=lambda k: k in skipped or k.startswith(skip_towers),
@@ -165,19 +150,13 @@ def load_big_vision(path: str, expected: Mapping[str, tuple]) -> dict[str, np.nd
     flat = {f"{subtree}/{k[len(subtree) + 1:]}": v for k, v in flat.items() if k.startswith(subtree + "/")}
     if not flat:
       raise CheckpointError(f"big_vision checkpoint {file}", other=[f"no subtree {subtree!r}"])
-  flat = R.scan_to_loop(flat)
+  flat = layout.to_loop(flat)
   flat = {k: adapt_posemb(k, v, tuple(expected[k])) if k in expected else v for k, v in flat.items()}
   towers = {p.split("/")[0] for p in expected}
   loaded = {k: v for k, v in flat.items() if k.split("/")[0] in towers}
   if subtree:
     expected = {p: s for p, s in expected.items() if p.startswith(subtree + "/") or p == subtree}
-  missing = [p for p in expected if p not in loaded]
-  unexpected = [k for k in loaded if k not in expected]
-  misshaped = [f"{k}: checkpoint {v.shape}, model {tuple(expected[k])}" for k, v in loaded.items()
-               if k in expected and tuple(v.shape) != tuple(expected[k])]
-  err = CheckpointError(f"big_vision checkpoint {file}", missing, unexpected, misshaped)
-  if err.has_problems:
-    raise err
+  check_tree(loaded, expected, f"big_vision checkpoint {file}")
   return loaded
 
 
@@ -197,26 +176,3 @@ def resample_posemb(posemb: np.ndarray, n_new: int) -> np.ndarray:
   grid = posemb.reshape(g_old, g_old, d).astype(np.float32)
   grid = scipy.ndimage.zoom(grid, (g_new / g_old, g_new / g_old, 1), order=1)
   return grid.reshape(1, n_new, d).astype(posemb.dtype)
-
-
-def load_vision_tower(path: str | Path, scan: bool = False):
-  """A plain SigLIP image tower from a HF directory (config.json + model.safetensors).
-
-  Returns `(module, params)` with `module.apply({"params": params}, images)` -> pooled features
-  (and hidden states with `collect=True`); e.g. a frozen teacher for distillation.
-  """
-  hf = read_hf_config(path)
-  vision = vision_config_from_hf(hf["vision_config"])
-  size = hf["vision_config"]["image_size"]
-  module = VisionTower(patch_size=vision.patch_size, grid=size // vision.patch_size,
-                       width=vision.width, depth=vision.depth, mlp_dim=vision.mlp_dim,
-                       num_heads=vision.num_heads, layer_norm_eps=vision.layer_norm_eps, scan=scan)
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(module.init(
-      jax.random.key(0), jax.numpy.zeros((1, size, size, 3)))))
-  expected = {f"img/{k}": s for k, s in R.loop_shapes(
-      {k: v.shape for k, v in traverse_util.flatten_dict(abstract["params"], sep="/").items()}).items()}
-  flat = load_hf(path, vision, None, expected)
-  flat = {k[len("img/"):]: v for k, v in flat.items()}
-  if scan:
-    flat = R.loop_to_scan(flat, R.block_depths(flat))
-  return module, traverse_util.unflatten_dict(flat, sep="/")

@@ -1,4 +1,5 @@
-"""Reading and writing flat name -> array files: safetensors, PyTorch pickles, big_vision npz.
+"""Reading and writing flat name -> array files: safetensors, PyTorch pickles, big_vision npz;
+and the one strict check of a flat tree against the shapes a model expects (`check_tree`).
 
 Everything comes back as numpy arrays keyed by the file's own names; layout quirks (prefixes,
 transposes, stacking) belong to the bridge that knows the model, not here.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -37,6 +38,41 @@ class CheckpointError(ValueError):
   @property
   def has_problems(self) -> bool:
     return bool(self.missing or self.unexpected or self.misshaped or self.other)
+
+
+def _shape(value) -> tuple:
+  return tuple(getattr(value, "shape", value))
+
+
+def tree_problems(found: Mapping[str, Any], expected: Mapping[str, tuple | None], *,
+                  ignore: Callable[[str], bool] = lambda k: False,
+                  labels: tuple[str, str] = ("checkpoint", "model")
+                  ) -> tuple[list[str], list[str], list[str]]:
+  """(missing, unexpected, misshaped) of flat `found` (path -> array or shape) against
+  `expected` (path -> shape, or None where any shape will do).
+
+  `ignore(key)` marks found keys that are skipped knowingly (never unexpected); `labels` name the
+  two sides in the misshaped lines ("path: checkpoint (a, b), model (c, d)"; "" for none).
+  """
+  def side(label, shape):
+    return f"{label} {shape}" if label else str(shape)
+  missing = [k for k in expected if k not in found]
+  unexpected = [k for k in found if k not in expected and not ignore(k)]
+  misshaped = [f"{k}: {side(labels[0], _shape(found[k]))}, {side(labels[1], tuple(s))}"
+               for k, s in expected.items()
+               if k in found and s is not None and _shape(found[k]) != tuple(s)]
+  return missing, unexpected, misshaped
+
+
+def check_tree(found: Mapping[str, Any], expected: Mapping[str, tuple | None], what: str, *,
+               ignore: Callable[[str], bool] = lambda k: False, other: Iterable[str] = (),
+               labels: tuple[str, str] = ("checkpoint", "model")) -> None:
+  """Raises one `CheckpointError` listing every key of `found` that is missing, unexpected or
+  misshaped against `expected` (see `tree_problems`), plus the `other` problems given."""
+  err = CheckpointError(what, *tree_problems(found, expected, ignore=ignore, labels=labels),
+                        other=other)
+  if err.has_problems:
+    raise err
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -96,11 +132,6 @@ def _recover_dtype(a: np.ndarray) -> np.ndarray:
   return a
 
 
-def strip_prefix(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-  """Drops `prefix` from every key that has it (e.g. DDP's "module.")."""
-  return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
-
-
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
   path = Path(path)
@@ -109,3 +140,13 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   _save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
                     metadata=dict(metadata or {}))
   os.replace(tmp, path)  # never leave a half-written checkpoint under the final name
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+  """An uncompressed `.npz` of `arrays`, written atomically (as `read_npz` reads it back)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "wb") as f:  # a file object, so numpy does not append another ".npz"
+    np.savez(f, **arrays)
+  os.replace(tmp, path)

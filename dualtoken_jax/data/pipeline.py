@@ -97,12 +97,12 @@ def make_train_dataset(source: Any, *, batch_size: int, resolution: int, seed: i
                      seed=crop_seed)
   ds = ds[shard_index::shard_count]
   ds = ds.to_iter_dataset(_read_options(num_threads, prefetch_buffer_size, batch_size))
-  ds = _DropSkipped(ds, image_shape=(resolution, resolution, 3),
-                   max_consecutive_skips=max_consecutive_skips)
-  # Short batches are dropped by _CountSkips, after their skip counts are taken.
+  ds = DropSkipped(ds, records.IMAGE_SKIPS, max_consecutive_skips=max_consecutive_skips,
+                   blank={"image": np.zeros((resolution, resolution, 3), np.float32)})
+  # Short batches are dropped by CountSkips, after their skip counts are taken.
   ds = ds.batch(batch_size, drop_remainder=False)
-  ds = _parallelize(ds, num_workers, prefetch_batches)
-  return _CountSkips(ds, batch_size=batch_size, drop_remainder=True)
+  ds = parallelize(ds, num_workers, prefetch_batches)
+  return CountSkips(ds, records.IMAGE_SKIPS, batch_size=batch_size, drop_remainder=True)
 
 
 def make_eval_dataset(source: Any, *, batch_size: int, resolution: int,
@@ -135,8 +135,8 @@ def make_eval_dataset(source: Any, *, batch_size: int, resolution: int,
   # batch is full; threads then work on several batches at once.
   ds = ds.batch(batch_size)
   ds = ds.to_iter_dataset(_read_options(num_threads, prefetch_buffer_size, 1))
-  ds = _parallelize(ds, num_workers, prefetch_batches)
-  return _CountSkips(ds, batch_size=batch_size, drop_remainder=False)
+  ds = parallelize(ds, num_workers, prefetch_batches)
+  return CountSkips(ds, records.IMAGE_SKIPS, batch_size=batch_size, drop_remainder=False)
 
 
 def eval_num_batches(num_records: int, batch_size: int, shard_count: int) -> int:
@@ -157,17 +157,23 @@ def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int
 
 
 class SkipCountingIterator(grain.DatasetIterator):
-  """The pipelines' outermost iterator: per-batch skip counts, cumulative totals in state.
+  """A pipeline's outermost iterator: per-batch skip counts, cumulative totals in state.
+
+  The parent yields batches whose `skipped` holds count vectors over `reasons` (one per row,
+  from `DropSkipped` or per-record counts); each batch comes out with `skipped` as their
+  {reason: count} sum. With `drop_remainder`, batches with fewer than `batch_size` valid rows
+  (a finite stream's end) are dropped after their counts are taken.
 
   State: `{"parent": <grain state>, "skipped_total": {reason: int}}`.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, *, batch_size: int,
-               drop_remainder: bool):
+  def __init__(self, parent: grain.DatasetIterator, reasons: records.SkipReasons, *,
+               batch_size: int, drop_remainder: bool):
     super().__init__(parent)
+    self._reasons = reasons
     self._batch_size = batch_size
     self._drop_remainder = drop_remainder
-    self._totals = dict.fromkeys(records.SKIP_REASONS, 0)
+    self._totals = dict.fromkeys(reasons.names, 0)
 
   @property
   def skipped_total(self) -> dict[str, int]:
@@ -177,10 +183,10 @@ class SkipCountingIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, Any]:
     while True:
       batch = dict(next(self._parent))
-      skipped = records.counts_to_dict(batch.pop("skipped"))
+      skipped = self._reasons.to_dict(batch.pop("skipped"))
       for reason, count in skipped.items():
         self._totals[reason] += count
-      valid = batch.pop("valid", None)  # Train only; False just for a stream's tail record.
+      valid = batch.pop("valid", None)  # From DropSkipped: False just for a stream's tail.
       num_valid = len(batch["image"]) if valid is None else int(np.sum(valid))
       if self._drop_remainder and num_valid < self._batch_size:
         continue  # The end of a finite stream (one per worker process).
@@ -192,53 +198,60 @@ class SkipCountingIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
-    self._totals = {r: int(state["skipped_total"].get(r, 0)) for r in records.SKIP_REASONS}
+    self._totals = {r: int(state["skipped_total"].get(r, 0)) for r in self._reasons.names}
 
 
-class _CountSkips(grain.IterDataset):
+class CountSkips(grain.IterDataset):
+  """Batches -> `SkipCountingIterator` (see there)."""
 
-  def __init__(self, parent: grain.IterDataset, *, batch_size: int, drop_remainder: bool):
+  def __init__(self, parent: grain.IterDataset, reasons: records.SkipReasons, *,
+               batch_size: int, drop_remainder: bool):
     super().__init__(parent)
+    self._reasons = reasons
     self._batch_size = batch_size
     self._drop_remainder = drop_remainder
 
   def __iter__(self) -> SkipCountingIterator:
-    return SkipCountingIterator(self._parent.__iter__(), batch_size=self._batch_size,
-                                drop_remainder=self._drop_remainder)
+    return SkipCountingIterator(self._parent.__iter__(), self._reasons,
+                                batch_size=self._batch_size, drop_remainder=self._drop_remainder)
 
 
 class _DropSkippedIterator(grain.DatasetIterator):
-  """Yields `{"image", "skipped", "valid"}`; `skipped` counts the records dropped before it.
+  """Yields kept elements + `skipped` (counts of the records dropped before it) + `valid`.
 
-  When a finite stream ends with dropped records, one last element with `valid=False` and a
-  blank image carries their counts (its batch is then short, and dropped by _CountSkips).
+  With a `blank` element, kept elements are cut to its fields, and when a finite stream ends
+  with dropped records one last element, `blank` with `valid=False`, carries their counts
+  (its batch is then short, and dropped by `CountSkips`).
   """
 
-  def __init__(self, parent: grain.DatasetIterator, image_shape: tuple[int, ...],
-               max_consecutive_skips: int):
+  def __init__(self, parent: grain.DatasetIterator, reasons: records.SkipReasons,
+               blank: dict[str, Any] | None, max_consecutive_skips: int):
     super().__init__(parent)
-    self._image_shape = image_shape
+    self._reasons = reasons
+    self._blank = blank
     self._max_consecutive_skips = max_consecutive_skips
 
   def __next__(self) -> dict[str, Any]:
-    counts = records.zero_counts()
+    counts = self._reasons.zeros()
     while True:
       try:
         element = next(self._parent)
       except StopIteration:
-        if counts.any():
-          return {"image": np.zeros(self._image_shape, np.float32), "skipped": counts,
-                  "valid": np.bool_(False)}
+        if counts.any() and self._blank is not None:
+          return {**self._blank, "skipped": counts, "valid": np.bool_(False)}
         raise
       if not records.is_skipped(element):
-        return {"image": element["image"], "skipped": counts, "valid": np.bool_(True)}
-      counts[records.reason_index(element["skip"])] += 1
+        if self._blank is not None:
+          element = {k: element[k] for k in self._blank}
+        return {**element, "skipped": counts, "valid": np.bool_(True)}
+      counts[self._reasons.index(element["skip"])] += 1
       _log_skip(element)
       if counts.sum() >= self._max_consecutive_skips:
         raise RuntimeError(
             f"{counts.sum()} records in a row could not be used "
-            f"({records.counts_to_dict(counts)}); last: {element['key']!r}: "
-            f"{element['error']}. Check the data source (paths, image_key, permissions).")
+            f"({self._reasons.to_dict(counts)}); last: {element['key']!r}: "
+            f"{element['error']}. Check the data source (paths, image_key, image_root, "
+            "pre-computed codes, permissions).")
 
   # Skip counts only live between two returned elements, so the parent's state suffices.
   def get_state(self) -> dict[str, Any]:
@@ -248,17 +261,28 @@ class _DropSkippedIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
-class _DropSkipped(grain.IterDataset):
+class DropSkipped(grain.IterDataset):
+  """Drops skip records (`records.is_skipped`); the next kept element counts them.
 
-  def __init__(self, parent: grain.IterDataset, *, image_shape: tuple[int, ...],
-               max_consecutive_skips: int):
+  Args:
+    parent: elements and skip records with a reason from `reasons`.
+    reasons: the stream's skip reasons, the layout of the `skipped` count vectors.
+    max_consecutive_skips: raise after this many skipped records in a row.
+    blank: the fields to keep, with the values of a padding element (see
+      `_DropSkippedIterator`); None keeps every field (the stream then has to be endless, or
+      the counts of skips at its very end are lost).
+  """
+
+  def __init__(self, parent: grain.IterDataset, reasons: records.SkipReasons, *,
+               max_consecutive_skips: int, blank: dict[str, Any] | None = None):
     super().__init__(parent)
     _check_positive("max_consecutive_skips", max_consecutive_skips)
-    self._image_shape = image_shape
+    self._reasons = reasons
+    self._blank = blank
     self._max_consecutive_skips = max_consecutive_skips
 
   def __iter__(self) -> _DropSkippedIterator:
-    return _DropSkippedIterator(self._parent.__iter__(), self._image_shape,
+    return _DropSkippedIterator(self._parent.__iter__(), self._reasons, self._blank,
                                 self._max_consecutive_skips)
 
 
@@ -272,9 +296,9 @@ class _EvalExample(grain.transforms.Map):
     if records.is_skipped(element):
       _log_skip(element)
       return {"image": np.zeros(self._shape, np.float32), "mask": np.bool_(False),
-              "key": element["key"], "skipped": records.one_hot_count(element["skip"])}
+              "key": element["key"], "skipped": records.IMAGE_SKIPS.one_hot(element["skip"])}
     return {"image": element["image"], "mask": np.bool_(True), "key": element["key"],
-            "skipped": records.zero_counts()}
+            "skipped": records.IMAGE_SKIPS.zeros()}
 
 
 class _EvalPadding(grain.transforms.Map):
@@ -285,7 +309,7 @@ class _EvalPadding(grain.transforms.Map):
   def map(self, element: int) -> dict[str, Any]:
     del element
     return {"image": np.zeros(self._shape, np.float32), "mask": np.bool_(False), "key": "",
-            "skipped": records.zero_counts()}
+            "skipped": records.IMAGE_SKIPS.zeros()}
 
 
 class _GuardedSource:
@@ -310,8 +334,10 @@ class _GuardedSource:
     return repr(self._source)
 
 
-def _parallelize(ds: grain.IterDataset, num_workers: int,
-                 prefetch_batches: int) -> grain.IterDataset:
+def parallelize(ds: grain.IterDataset, num_workers: int,
+                prefetch_batches: int) -> grain.IterDataset:
+  """`num_workers` processes producing elements of `ds` (grain `mp_prefetch`; 0 = none), then
+  `prefetch_batches` elements prepared ahead by a thread (0 = none)."""
   if num_workers < 0 or prefetch_batches < 0:
     raise ValueError(f"num_workers and prefetch_batches must be >= 0, got {num_workers}, "
                      f"{prefetch_batches}")

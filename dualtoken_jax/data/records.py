@@ -14,27 +14,73 @@ metrics, hence counters instead of silent filtering.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-# Why a record was skipped. The order is the layout of the per-record count vectors.
-SKIP_REASONS = (
+class SkipReasons:
+  """The reasons a stream's records may be skipped; their order is the layout of its count
+  vectors (int32, one entry per reason) and of its `{reason: count}` totals.
+
+  The image pipelines use `IMAGE_SKIPS`; a stage with more ways to fail registers its own
+  reasons on top (`IMAGE_SKIPS.extend(...)`, as the MLLM's conversation data does), so image
+  failures are counted under the same names everywhere.
+  """
+
+  def __init__(self, names: Sequence[str]):
+    names = tuple(names)
+    if len(set(names)) != len(names) or not all(n.isidentifier() for n in names):
+      raise ValueError(f"skip reasons must be distinct identifiers (metric names), got {names}")
+    self.names = names
+    self._index = {reason: i for i, reason in enumerate(names)}
+
+  def extend(self, *names: str) -> SkipReasons:
+    return SkipReasons(self.names + names)
+
+  def index(self, reason: str) -> int:
+    if reason not in self._index:
+      raise ValueError(f"unknown skip reason {reason!r}; expected one of {self.names}")
+    return self._index[reason]
+
+  def record(self, reason: str, key: str, error: str = "") -> dict[str, Any]:
+    """A record standing in for one that was dropped because of `reason`."""
+    self.index(reason)
+    return {"key": key, "skip": reason, "error": error}
+
+  def zeros(self) -> np.ndarray:
+    """An all-zero count vector."""
+    return np.zeros(len(self.names), np.int32)
+
+  def one_hot(self, reason: str) -> np.ndarray:
+    """A count vector with a single 1 at `reason`."""
+    counts = self.zeros()
+    counts[self.index(reason)] = 1
+    return counts
+
+  def to_dict(self, counts) -> dict[str, int]:
+    """{reason: count} from a count vector (or a stack of them, summed over leading axes)."""
+    counts = np.asarray(counts).reshape(-1, len(self.names)).sum(axis=0)
+    return {reason: int(c) for reason, c in zip(self.names, counts)}
+
+  def __repr__(self) -> str:
+    return f"SkipReasons({self.names})"
+
+
+# Why an image record was skipped.
+IMAGE_SKIPS = SkipReasons((
     "missing",       # the file vanished between indexing and reading
     "read_error",    # any other I/O failure (permissions, truncated tar member, ...)
     "empty",         # zero-byte payload
     "decode_error",  # PIL could not decode it (corrupt, truncated, not an image, odd mode)
     "too_large",     # more pixels than the decode limit (decompression-bomb guard)
     "bad_member",    # tar member with an absolute path, a `..` component, or not a regular file
-)
-_REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
+))
+SKIP_REASONS = IMAGE_SKIPS.names
 
 
 def skip_record(reason: str, key: str, error: str = "") -> dict[str, Any]:
-  """A record standing in for one that was dropped because of `reason`."""
-  if reason not in _REASON_INDEX:
-    raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
-  return {"key": key, "skip": reason, "error": error}
+  """An image record standing in for one that was dropped because of `reason`."""
+  return IMAGE_SKIPS.record(reason, key, error)
 
 
 def is_skipped(record: Mapping[str, Any]) -> bool:
@@ -45,25 +91,3 @@ def read_failure(key: str, exc: OSError) -> dict[str, Any]:
   """The skip record for an I/O error while reading `key`."""
   reason = "missing" if isinstance(exc, FileNotFoundError) else "read_error"
   return skip_record(reason, key, f"{type(exc).__name__}: {exc}")
-
-
-def zero_counts() -> np.ndarray:
-  """An int32 count vector over SKIP_REASONS, all zeros."""
-  return np.zeros(len(SKIP_REASONS), np.int32)
-
-
-def one_hot_count(reason: str) -> np.ndarray:
-  """A count vector with a single 1 at `reason`."""
-  counts = zero_counts()
-  counts[_REASON_INDEX[reason]] = 1
-  return counts
-
-
-def counts_to_dict(counts: np.ndarray) -> dict[str, int]:
-  """{reason: count} from a count vector (or a stack of them, summed over leading axes)."""
-  counts = np.asarray(counts).reshape(-1, len(SKIP_REASONS)).sum(axis=0)
-  return {reason: int(c) for reason, c in zip(SKIP_REASONS, counts)}
-
-
-def reason_index(reason: str) -> int:
-  return _REASON_INDEX[reason]

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from dualtoken_jax.data import records
 from dualtoken_jax.evaluation import gather, imagenet_classes, state, zeroshot
 from dualtoken_jax.metrics import codebook_stats, fid
-from dualtoken_jax.reconstruct import side_by_side
+from dualtoken_jax.data.images import side_by_side
 
 PER_IMAGE_CSV = "per_image.csv"
 METRICS_JSON = "metrics.json"
@@ -174,11 +174,6 @@ def _cell(v):
   if isinstance(v, (np.floating, float)):
     return f"{float(v):.6f}"
   return str(v)
-
-
-def read_per_image_csv(path: str) -> list[dict[str, str]]:
-  with open(path, encoding="utf-8", newline="") as f:
-    return list(csv.DictReader(f))
 
 
 def write_extremes_png(path: str, ex: state.Extremes, columns: int = 2) -> None:

@@ -24,12 +24,15 @@ import numpy as np
 import tqdm
 
 from dualtoken_jax import data
+from dualtoken_jax.bridges import inception as inception_weights
+from dualtoken_jax.bridges import lpips as lpips_weights
+from dualtoken_jax.data.images import to_uint8
 from dualtoken_jax.evaluation import (data_spec, gather, report, retrieval, state, steps,
                                       text, zeroshot)
+from dualtoken_jax.parallel import sharding
 from dualtoken_jax.metrics import fid
 from dualtoken_jax.metrics.codebook_stats import CodeHistogram
 from dualtoken_jax.models import inception
-from dualtoken_jax.models import lpips as lpips_lib
 
 METRICS = ("rfid", "psnr", "ssim", "lpips", "usage", "zeroshot", "retrieval")
 DEFAULT_METRICS = ("rfid", "psnr", "ssim", "usage")
@@ -71,7 +74,7 @@ class EvalOptions:
                        "with `python -m dualtoken_jax.convert_inception --input … --output "
                        "inception_fid.npz`; weights are never downloaded")
     if "lpips" in self.metrics and not self.lpips_weights:
-      lpips_lib.load_lpips(None)  # raises with the conversion recipe
+      lpips_weights.load(None)  # raises with the conversion recipe
     if ({"zeroshot", "retrieval"} & set(self.metrics)) and not self.sentencepiece_model:
       raise ValueError("zeroshot/retrieval need --sentencepiece_model, the SentencePiece .model "
                        "of the SigLIP checkpoint")
@@ -185,7 +188,7 @@ class _Context:
   @classmethod
   def build(cls, tokenizer, src: data_spec.EvalSource, options: EvalOptions) -> "_Context":
     metrics, cfg = set(options.metrics), tokenizer.config
-    mesh = steps.make_mesh()
+    mesh = sharding.make_mesh({"data": -1})  # all devices on the data axis
     ctx = cls(options, mesh, steps.canonical_model(cfg), steps.StepSpec(), None,
               steps.replicate(tokenizer.variables, mesh))
     if {"zeroshot", "retrieval"} & metrics:
@@ -206,7 +209,7 @@ class _Context:
       if ctx.host_fid:
         ctx.pool = concurrent.futures.ThreadPoolExecutor(max(1, options.num_threads))
     if "lpips" in metrics:
-      ctx.lpips_params = steps.replicate(lpips_lib.load_lpips(options.lpips_weights), mesh)
+      ctx.lpips_params = steps.replicate(lpips_weights.load(options.lpips_weights), mesh)
     ctx.spec = steps.StepSpec(
         recon=bool(metrics & set(RECON_METRICS)), ssim="ssim" in metrics,
         usage="usage" in metrics, embeds=bool({"zeroshot", "retrieval"} & metrics),
@@ -249,8 +252,8 @@ class _Context:
       zeroshot.check_labels(labels[mask], keys[mask], len(self.class_names))
 
     images = np.asarray(batch["image"], np.float32)
-    images_g = steps.global_array(images, mesh)
-    out = self.step(self.tok_vars, self.classifier, images_g, steps.global_array(mask, mesh))
+    images_g = data.make_global_array(images, mesh)
+    out = self.step(self.tok_vars, self.classifier, images_g, data.make_global_array(mask, mesh))
     if self.lpips_params is not None:
       out["lpips"] = steps.lpips_step(mesh)(self.lpips_params, images_g, out["recon"])
 
@@ -270,19 +273,18 @@ class _Context:
     if not self.spec.recon:
       return
 
-    x_u8 = np.round((images + 1.0) * 127.5).astype(np.uint8)  # exact: 8-bit inputs
+    x_u8 = to_uint8(images)  # exact: 8-bit inputs
     fetched = {}
 
     def recon_u8():  # copied from the devices only when needed
       if "y" not in fetched:
-        y = steps.local_rows(out["recon"])
-        fetched["y"] = np.round(np.clip((y + 1.0) * 0.5, 0, 1) * 255).astype(np.uint8)
+        fetched["y"] = to_uint8(steps.local_rows(out["recon"]))
       return fetched["y"]
 
     if "rfid" in opts.metrics:
       features = steps.features_step(opts.fid_resize, mesh)
       if self.host_fid:
-        sides = [steps.global_array(steps.prepare_fid_images(
+        sides = [data.make_global_array(steps.prepare_fid_images(
             u8, opts.jpeg_quality, opts.fid_resize, self.pool), mesh) for u8 in (x_u8, recon_u8())]
       else:
         sides = steps.eight_bit_step(mesh)(images_g, out["recon"])
@@ -296,7 +298,7 @@ class _Context:
 @functools.lru_cache(maxsize=1)
 def _inception_file(path: str, mtime_ns: int, size: int):
   del mtime_ns, size  # cache keys: a rewritten file is read again
-  return inception.load(path)
+  return inception_weights.load(path)
 
 
 def _load_inception(path: str):

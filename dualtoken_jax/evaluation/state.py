@@ -2,34 +2,35 @@
 
 Layout under `WORKDIR/eval_state/`, one set per JAX process p:
 
-  p{p}_rows_{start}-{stop}.npz   per-image rows of batches [start, stop): written once, never
-                                 rewritten (keys, PSNR, SSIM, labels, top-k ids, embeddings)
-  p{p}_state_{position}.npz      everything else after `position` batches: FID sufficient
-                                 statistics (float64), code histograms (int64), the worst/best
-                                 reconstructions, skip counts, the grain iterator state, the
-                                 list of row files, and the run's fingerprint
+  p{p}_rows_{start}-{stop}.npz   per-image rows of batches [start, stop): written once (under a
+                                 temporary name, then renamed), never rewritten (keys, PSNR,
+                                 SSIM, labels, top-k ids, embeddings)
+  p{p}/{position}/               an Orbax checkpoint (`ocp.CheckpointManager`, this process
+                                 only) of everything else after `position` batches:
+      arrays/                    the accumulators as a pytree: FID sufficient statistics
+                                 (float64), code histograms (int64), the worst/best images
+      data/                      the grain iterator state (JSON)
+      meta/                      JSON: the run's fingerprint, skip counts and keys, the
+                                 list of row files, the extremes' keys, elapsed time
 
-Each file is written under a temporary name and renamed, so a kill leaves either the old or
-the new checkpoint, never a torn one. The two newest state files are kept: on several hosts
-the run resumes from the newest position that every process has saved.
+Orbax commits a checkpoint atomically, so a kill leaves the previous one intact. The two newest
+are kept: on several hosts the run resumes from the newest position that every process saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import os
-import re
 from typing import Any, Callable
 
 import numpy as np
+import orbax.checkpoint as ocp
 
 from dualtoken_jax.metrics import fid
 from dualtoken_jax.metrics.codebook_stats import CodeHistogram
 
-_STATE = re.compile(r"p(\d+)_state_(\d+)\.npz$")
 KEEP_STATES = 2
+_ITEMS = ("arrays", "data", "meta")
 
 
 class FingerprintMismatch(ValueError):
@@ -122,8 +123,38 @@ def state_dir(workdir: str) -> str:
   return os.path.join(workdir, "eval_state")
 
 
+def _manager(workdir: str, process: int) -> ocp.CheckpointManager:
+  """This process's own checkpoints (no cross-process barriers: hosts save independently)."""
+  directory = os.path.join(os.path.abspath(state_dir(workdir)), f"p{process}")
+  os.makedirs(directory, exist_ok=True)  # Orbax will not create it for a process subset.
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=KEEP_STATES, create=False, enable_async_checkpointing=False,
+      cleanup_tmp_directories=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=process, active_processes={process},
+          barrier_sync_key_prefix=f"eval_p{process}"))
+  return ocp.CheckpointManager(directory, item_names=_ITEMS, options=options)
+
+
+def _arrays(acc: Accumulators) -> dict[str, Any]:
+  """The numeric accumulators as a pytree of numpy arrays (absent ones left out)."""
+  tree: dict[str, Any] = {}
+  for name in ("fid_real", "fid_fake"):
+    s = getattr(acc, name)
+    if s is not None:
+      tree[name] = {"count": np.array(s.count, np.int64), "total": np.asarray(s.total),
+                    "outer": np.asarray(s.outer)}
+  for name in ("hist_pix", "hist_sem"):
+    if getattr(acc, name) is not None:
+      tree[name] = np.asarray(getattr(acc, name).counts)
+  ex = acc.extremes
+  if ex is not None and len(ex.keys):
+    tree["extremes"] = {"psnr": ex.psnr, "originals": ex.originals, "recons": ex.recons}
+  return tree
+
+
 def save(acc: Accumulators, workdir: str, process: int, fingerprint: dict) -> None:
-  """Flushes pending rows to a new row file, then writes the state atomically."""
+  """Flushes pending rows to a new row file, then checkpoints the state atomically."""
   d = state_dir(workdir)
   os.makedirs(d, exist_ok=True)
   if any(acc.pending.values()):
@@ -133,64 +164,59 @@ def save(acc: Accumulators, workdir: str, process: int, fingerprint: dict) -> No
     acc.row_files.append(name)
   acc.pending, acc.pending_from = {}, acc.position
 
-  meta = dict(fingerprint=fingerprint, position=acc.position,
-              iterator_state=acc.iterator_state, skipped=acc.skipped,
-              elapsed_s=acc.elapsed_s, row_files=acc.row_files,
-              extremes_n=acc.extremes.n if acc.extremes else 0)
-  arrays = {"meta": np.array(json.dumps(meta)),
-            "skipped_keys": np.array(acc.skipped_keys, dtype=str)}
-  for name in ("fid_real", "fid_fake"):
-    s = getattr(acc, name)
-    if s is not None:
-      arrays.update({f"{name}_count": np.array(s.count, np.int64), f"{name}_total": s.total,
-                     f"{name}_outer": s.outer})
-  for name in ("hist_pix", "hist_sem"):
-    if getattr(acc, name) is not None:
-      arrays[name] = getattr(acc, name).counts
   ex = acc.extremes
-  if ex is not None and len(ex.keys):
-    arrays.update(ext_keys=ex.keys, ext_psnr=ex.psnr, ext_originals=ex.originals,
-                  ext_recons=ex.recons)
-  _atomic_savez(os.path.join(d, f"p{process}_state_{acc.position:08d}.npz"), **arrays)
-  for old in saved_positions(workdir, process)[:-KEEP_STATES]:
-    os.remove(os.path.join(d, f"p{process}_state_{old:08d}.npz"))
+  meta = dict(fingerprint=fingerprint, position=acc.position, skipped=acc.skipped,
+              skipped_keys=acc.skipped_keys, elapsed_s=acc.elapsed_s, row_files=acc.row_files,
+              extremes_n=ex.n if ex else 0,
+              extremes_keys=ex.keys.tolist() if ex is not None else [])
+  items = {"data": ocp.args.JsonSave({"iterator_state": acc.iterator_state})}
+  tree = _arrays(acc)
+  if tree:  # Orbax refuses an empty pytree (e.g. zero-shot accuracy only).
+    items["arrays"] = ocp.args.StandardSave(tree)
+  meta["has_arrays"] = bool(tree)
+  with _manager(workdir, process) as manager:
+    manager.save(acc.position, force=True,
+                 args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items))
 
 
 def saved_positions(workdir: str, process: int) -> list[int]:
-  """Positions of this process's state files, ascending."""
-  out = []
-  for path in glob.glob(os.path.join(state_dir(workdir), f"p{process}_state_*.npz")):
-    m = _STATE.search(os.path.basename(path))
-    if m and int(m.group(1)) == process:
-      out.append(int(m.group(2)))
-  return sorted(out)
+  """Positions of this process's checkpoints, ascending."""
+  if not os.path.isdir(os.path.join(state_dir(workdir), f"p{process}")):
+    return []
+  with _manager(workdir, process) as manager:
+    return sorted(manager.all_steps())
 
 
 def load(workdir: str, process: int, position: int, fingerprint: dict) -> Accumulators:
   """The state saved after `position` batches; raises `FingerprintMismatch` if the run differs."""
-  d = state_dir(workdir)
-  with np.load(os.path.join(d, f"p{process}_state_{position:08d}.npz"),
-               allow_pickle=False) as f:
-    arrays = {k: f[k] for k in f.files}
-  meta = json.loads(str(arrays["meta"]))
-  check_fingerprint(meta["fingerprint"], fingerprint, workdir)
-  acc = Accumulators(position=meta["position"], iterator_state=meta["iterator_state"],
+  with _manager(workdir, process) as manager:
+    meta = manager.restore(position, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    check_fingerprint(meta["fingerprint"], fingerprint, workdir)
+    items = {"arrays": ocp.args.StandardRestore()} if meta["has_arrays"] else {}
+    restored = manager.restore(position, args=ocp.args.Composite(
+        data=ocp.args.JsonRestore(), **items))
+  arrays = restored.get("arrays") or {}
+  acc = Accumulators(position=meta["position"],
+                     iterator_state=restored["data"]["iterator_state"],
                      skipped={k: int(v) for k, v in meta["skipped"].items()},
-                     skipped_keys=[str(k) for k in arrays["skipped_keys"]],
+                     skipped_keys=[str(k) for k in meta["skipped_keys"]],
                      elapsed_s=float(meta["elapsed_s"]), row_files=list(meta["row_files"]),
                      pending_from=meta["position"])
   for name in ("fid_real", "fid_fake"):
-    if f"{name}_count" in arrays:
-      setattr(acc, name, fid.GaussianStats(int(arrays[f"{name}_count"]),
-                                           arrays[f"{name}_total"], arrays[f"{name}_outer"]))
+    if name in arrays:
+      s = arrays[name]
+      setattr(acc, name, fid.GaussianStats(int(s["count"]), np.asarray(s["total"]),
+                                           np.asarray(s["outer"])))
   for name in ("hist_pix", "hist_sem"):
     if name in arrays:
-      setattr(acc, name, CodeHistogram(arrays[name]))
+      setattr(acc, name, CodeHistogram(np.asarray(arrays[name])))
   if meta["extremes_n"]:
     acc.extremes = Extremes(meta["extremes_n"])
-    if "ext_keys" in arrays:
-      acc.extremes = Extremes(meta["extremes_n"], arrays["ext_keys"], arrays["ext_psnr"],
-                              arrays["ext_originals"], arrays["ext_recons"])
+    if "extremes" in arrays:
+      e = arrays["extremes"]
+      acc.extremes = Extremes(meta["extremes_n"], np.asarray(meta["extremes_keys"], str),
+                              np.asarray(e["psnr"]), np.asarray(e["originals"]),
+                              np.asarray(e["recons"]))
   return acc
 
 

@@ -11,7 +11,7 @@ the mesh axes ('data', 'fsdp'), weights replicated):
 
 Inputs are the pipeline's images in [-1, 1] (uint8 / 127.5 − 1, so exactly 8-bit levels).
 Image metrics compare x01 = (x + 1) / 2 with y01 = clamp(decoder(x̂), −1, 1) mapped to
-[0, 1] (the reference's mapping, `metrics.decoder_to_unit`). For rFID both sides are 8-bit
+[0, 1] (the reference's mapping, `data.images.to_unit`). For rFID both sides are 8-bit
 images, as files on disk would be: the reconstruction is rounded to uint8 first.
 
 rFID resize options (`fid_resize`):
@@ -40,12 +40,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from dualtoken_jax.data import global_batch
+from dualtoken_jax.data.images import to_uint8, to_unit
 from dualtoken_jax.metrics import codebook_stats, image_quality
 from dualtoken_jax.models import inception
 from dualtoken_jax.models import lpips as lpips_lib
-from dualtoken_jax.models.dualtoken import DualToken, l2_normalize
+from dualtoken_jax.models.dualtoken import DualToken
 
-MESH_AXES = ("data", "fsdp", "tensor")
 FID_RESIZE = ("bilinear", "pil_bicubic", "none")
 
 
@@ -55,12 +55,6 @@ def canonical_model(config) -> DualToken:
   steps cached on the module are reused."""
   plain = json.loads(config.to_json_best_effort(sort_keys=True))
   return DualToken(ml_collections.FrozenConfigDict(ml_collections.ConfigDict(plain)))
-
-
-def make_mesh(devices=None) -> Mesh:
-  """All devices on the 'data' axis ((n, 1, 1) over ('data', 'fsdp', 'tensor'))."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1, 1, 1), MESH_AXES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,15 +75,6 @@ def inception_module(fid_resize: str) -> inception.FIDInceptionV3:
   return inception.FIDInceptionV3(resize_input=fid_resize == "bilinear")
 
 
-def to_u8(x01):
-  """[0, 1] floats -> uint8 levels (round half to even, as numpy)."""
-  return jnp.round(jnp.clip(x01, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-
-
-def _batch(mesh):
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-
-
 @functools.lru_cache(maxsize=8)
 def main_step(model: DualToken, spec: StepSpec, mesh: Mesh):
   """jit(fn(tok_vars, classifier, images, mask) -> outputs), see the module docstring.
@@ -106,7 +91,7 @@ def main_step(model: DualToken, spec: StepSpec, mesh: Mesh):
         tok_vars, images, method=DualToken.encode)
     if spec.recon:
       recon = jnp.clip(enc["recon"], -1.0, 1.0)
-      x01, y01 = (images + 1.0) * 0.5, image_quality.decoder_to_unit(recon)
+      x01, y01 = to_unit(images), to_unit(recon)
       out["recon"] = recon
       out["psnr"] = image_quality.psnr(x01, y01, validate=False)
       if spec.ssim:
@@ -118,7 +103,7 @@ def main_step(model: DualToken, spec: StepSpec, mesh: Mesh):
         out[f"hist_{name}"] = codebook_stats.histogram_jax(codes, q.codebook_size)
     if spec.embeds:
       out["emb_q"] = enc["image_embeds"]
-      out["emb_t"] = l2_normalize(model.apply(tok_vars, images, method=DualToken.teacher))
+      out["emb_t"] = model.apply(tok_vars, images, method=DualToken.siglip_embedding)
       if spec.topk:
         for path in ("q", "t"):
           out[f"topk_{path}"] = jax.lax.top_k(out[f"emb_{path}"] @ classifier.T, spec.topk)[1]
@@ -126,7 +111,7 @@ def main_step(model: DualToken, spec: StepSpec, mesh: Mesh):
 
   names = _output_names(spec)
   return jax.jit(step, out_shardings={
-      n: replicated if n.startswith("hist_") else _batch(mesh) for n in names})
+      n: replicated if n.startswith("hist_") else global_batch.batch_sharding(mesh) for n in names})
 
 
 def _output_names(spec: StepSpec) -> list[str]:
@@ -141,22 +126,22 @@ def _output_names(spec: StepSpec) -> list[str]:
 def eight_bit_step(mesh: Mesh):
   """jit(fn(images, recon) -> (x, y)): both sides as 8-bit levels / 255, for Inception."""
   def quantise(images, recon):
-    return tuple(to_u8((z + 1.0) * 0.5).astype(jnp.float32) / 255.0 for z in (images, recon))
-  return jax.jit(quantise, out_shardings=(_batch(mesh), _batch(mesh)))
+    return tuple(to_uint8(z).astype(jnp.float32) / 255.0 for z in (images, recon))
+  return jax.jit(quantise, out_shardings=(global_batch.batch_sharding(mesh), global_batch.batch_sharding(mesh)))
 
 
 @functools.lru_cache(maxsize=4)
 def features_step(fid_resize: str, mesh: Mesh):
   """jit(fn(inception_vars, images01 (B, H, W, 3)) -> (B, 2048)) pool3 features."""
   net = inception_module(fid_resize)
-  return jax.jit(lambda v, x: net.apply(v, x), out_shardings=_batch(mesh))
+  return jax.jit(lambda v, x: net.apply(v, x), out_shardings=global_batch.batch_sharding(mesh))
 
 
 @functools.lru_cache(maxsize=4)
 def lpips_step(mesh: Mesh):
   """jit(fn(lpips_params, images, recon) -> (B,)) LPIPS of input and clamped reconstruction."""
   net = lpips_lib.LPIPS()
-  return jax.jit(lambda p, x, y: net.apply({"params": p}, x, y), out_shardings=_batch(mesh))
+  return jax.jit(lambda p, x, y: net.apply({"params": p}, x, y), out_shardings=global_batch.batch_sharding(mesh))
 
 
 def replicate(tree, mesh: Mesh):
@@ -176,10 +161,6 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 def replicated_value(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
-
-
-def global_array(local: np.ndarray, mesh: Mesh) -> jax.Array:
-  return global_batch.make_global_array(local, mesh)
 
 
 # ---------------------------------------------------------------- host image round trips

@@ -8,8 +8,9 @@ Top-k accuracy = fraction of images whose label is among the k highest-scoring c
 broken towards the lower class id, as `jax.lax.top_k`).
 
 Both image paths are scored in the same pass: the *quantised* semantic path (`image_embeds`
-of `DualToken.encode`, what DualToken reports) and the unquantised SigLIP (`DualToken.teacher`
-on the same weights), so the cost of the semantic quantiser is visible.
+of `DualToken.encode`, what DualToken reports) and the unquantised SigLIP
+(`DualToken.siglip_embedding` on the same weights, `DualTokenizer.siglip_embedding` in the
+public API), so the cost of the semantic quantiser is visible.
 """
 
 from __future__ import annotations

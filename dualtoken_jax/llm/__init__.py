@@ -1,4 +1,4 @@
-"""Gemma-style text decoder (Gemma 1/2/3): model, configs, checkpoint bridges, generation.
+"""Gemma-style text decoder (Gemma 1/2/3): model, configs, generation (checkpoints: bridges/gemma_*).
 
     from dualtoken_jax.llm import GemmaLM, get_config
     lm = GemmaLM.from_hf("path/to/gemma-3-1b")

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from dualtoken_jax import config_files
 from dualtoken_jax.models.config import REMAT_POLICIES
 
 LOCAL, GLOBAL = "local", "global"
@@ -121,6 +122,20 @@ def get_config(variant: str = "tiny", **overrides) -> ml_collections.ConfigDict:
   if variant not in variants:
     raise ConfigError(f"unknown Gemma variant {variant!r}; expected one of {sorted(variants)}")
   return gemma_config(**{**variants[variant], **overrides})
+
+
+_REQUIRED = ("family", "vocab_size", "width", "depth", "num_heads", "num_kv_heads", "head_dim",
+             "mlp_dim")
+
+
+def from_dict(saved) -> ml_collections.ConfigDict:
+  """A decoder config from its JSON form, merged over its family's current defaults (fields
+  added since it was written keep their defaults; JSON lists become tuples), validated."""
+  missing = [k for k in _REQUIRED if k not in saved]
+  _check(not missing, f"the saved decoder config lacks {', '.join(missing)} (no default)")
+  config = config_files.merge_saved(gemma_config(**{k: saved[k] for k in _REQUIRED}), saved)
+  validate(config)
+  return config
 
 
 def replace(config, **fields) -> ml_collections.ConfigDict:

@@ -26,12 +26,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from dualtoken_jax.bridges import gemma_hf
+from dualtoken_jax.bridges import gemma_orbax
+from dualtoken_jax.bridges import layout as param_layout
+from dualtoken_jax.bridges.tensor_files import check_tree
 from dualtoken_jax.llm import config as C
 from dualtoken_jax.llm import decoding
-from dualtoken_jax.llm import hf_bridge
-from dualtoken_jax.llm import layout as param_layout
 from dualtoken_jax.llm import masks
-from dualtoken_jax.llm import orbax_bridge
 from dualtoken_jax.llm import sampling
 from dualtoken_jax.llm import sharding as S
 from dualtoken_jax.llm.gemma import GemmaDecoder, frozen
@@ -47,11 +48,17 @@ def _forward(model: GemmaDecoder, params, tokens, input_mask, return_hidden: boo
 
 
 class GemmaLM:
-  """A decoder config, its params (a nested dict of jax arrays) and the mesh they live on."""
+  """A decoder config, its params (a nested dict of jax arrays) and the mesh they live on.
+
+  The params must be the config's tree (names and shapes, in its `scan_layers` layout), or
+  `CheckpointError` lists every missing, unexpected and misshaped one.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, params: Any, mesh: Mesh | None = None,
                rules: Sequence[tuple[str, Any]] = S.DEFAULT_RULES):
     C.validate(config)
+    check_tree(param_layout.flatten(params), S.param_shapes(config), "GemmaLM params",
+               labels=("params", "config"))
     self.config = config
     self.params = params
     self.mesh = mesh
@@ -73,18 +80,15 @@ class GemmaLM:
     to `param_dtype` (float32 unless overridden, whatever the file stores). The weights pass
     through host memory (safetensors are read whole); prefer Orbax for very large models.
     """
-    config = C.config_from_hf(hf_bridge.read_config(path), **overrides)
-    flat, _ = hf_bridge.load(path, config)
-    if config.scan_layers:
-      flat = param_layout.to_scan(flat, config.depth)
-    return cls(config, S.place(param_layout.unflatten(flat), config, mesh, rules), mesh, rules)
+    config = C.config_from_hf(gemma_hf.read_config(path), **overrides)
+    return cls(config, gemma_hf.load_params(path, config, mesh, rules), mesh, rules)
 
   @classmethod
   def from_orbax(cls, path: str | Path, config, *, mesh: Mesh | None = None,
                  rules=S.DEFAULT_RULES, seed: int = 0):
     """An official Gemma Flax checkpoint (FLAT, STACKED or NESTED), restored into shardings.
     `seed` initialises embedding rows for tokens the checkpoint lacks."""
-    return cls(config, orbax_bridge.load(path, config, mesh, rules, seed), mesh, rules)
+    return cls(config, gemma_orbax.load(path, config, mesh, rules, seed), mesh, rules)
 
   @classmethod
   def from_pretrained(cls, path: str | Path, *, mesh: Mesh | None = None, rules=S.DEFAULT_RULES,
@@ -155,11 +159,12 @@ class GemmaLM:
     are gathered to every host (safetensors are written whole); process 0 writes."""
     params = self._host_loop_params()
     if jax.process_index() == 0:
-      hf_bridge.save(path, params, self.config)
+      gemma_hf.save(path, params, self.config)
 
-  def export_orbax(self, path: str | Path, layout: str = orbax_bridge.FLAT) -> None:
-    """An official-style Gemma Orbax checkpoint: "flat" (as released), "stacked" or "nested"."""
-    orbax_bridge.save(path, self.params, self.config, layout)
+  def export_orbax(self, path: str | Path, layout: str | None = None) -> None:
+    """An official-style Gemma Orbax checkpoint: "flat" (as released; the default), "stacked"
+    or "nested"."""
+    gemma_orbax.save(path, self.params, self.config, layout or gemma_orbax.FLAT)
 
   def _host_loop_params(self) -> dict[str, np.ndarray]:
     flat = {k: np.asarray(v if getattr(v, "is_fully_addressable", True)
@@ -184,11 +189,5 @@ def relayout(params, config, mesh: Mesh | None = None, rules=S.DEFAULT_RULES):
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """Reads `ConfigDict.to_json()` output back (JSON lists become the config's tuples)."""
-  raw = json.loads(text)
-  for key in ("attention_pattern", "eos_ids"):
-    if key in raw:
-      raw[key] = tuple(raw[key])
-  config = ml_collections.ConfigDict(raw)
-  C.validate(config)
-  return config
+  """Reads `ConfigDict.to_json()` output back (see `config.from_dict`)."""
+  return C.from_dict(json.loads(text))

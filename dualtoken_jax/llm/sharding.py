@@ -15,10 +15,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dualtoken_jax.parallel import sharding as shared
+from dualtoken_jax.bridges import layout
 from dualtoken_jax.llm import config as C
 from dualtoken_jax.llm import gemma
-from dualtoken_jax.llm import layout
+from dualtoken_jax.parallel import sharding as shared
 
 # The mesh and the logical-name rules are shared with the tokenizer: see dualtoken_jax/sharding.py.
 MESH_AXES, DEFAULT_RULES = shared.MESH_AXES, shared.DEFAULT_RULES

@@ -25,15 +25,6 @@ class SemanticWeights(NamedTuple):
   pool_cos: float
 
 
-# Per training stage (spec B.2; `--sem_weight` multiplies the whole term on top):
-#   0: 5·(MSE − cos)@pool;  1: 5·(MSE − cos)@L26 + (MSE − cos)@pool;  2: −cos@L26 + 5·(MSE − cos)@pool.
-STAGE_WEIGHTS = {
-    0: SemanticWeights(token_mse=0.0, token_cos=0.0, pool_mse=5.0, pool_cos=5.0),
-    1: SemanticWeights(token_mse=5.0, token_cos=5.0, pool_mse=1.0, pool_cos=1.0),
-    2: SemanticWeights(token_mse=0.0, token_cos=1.0, pool_mse=5.0, pool_cos=5.0),
-}
-
-
 def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = COS_EPS) -> jax.Array:
   """Cosine along the last axis; each norm is clamped below at `eps`, as torch does.
 
@@ -57,13 +48,8 @@ def mean_cosine(student: jax.Array, teacher: jax.Array) -> jax.Array:
   return jnp.mean(cosine_similarity(student, jax.lax.stop_gradient(teacher)))
 
 
-def mse_minus_cos(student: jax.Array, teacher: jax.Array) -> jax.Array:
-  """The paper's L_sem = ‖F − F₀‖² − cos(F, F₀), as coded: elementwise-mean MSE minus mean cosine."""
-  return mse(student, teacher) - mean_cosine(student, teacher)
-
-
 def semantic_loss(zq_sem: jax.Array, teacher_tokens: jax.Array, pooled: jax.Array,
-                  teacher_pooled: jax.Array, weights: SemanticWeights = STAGE_WEIGHTS[1]
+                  teacher_pooled: jax.Array, weights: SemanticWeights
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The weighted semantic term and its four parts (for logging).
 
@@ -72,7 +58,7 @@ def semantic_loss(zq_sem: jax.Array, teacher_tokens: jax.Array, pooled: jax.Arra
     teacher_tokens: (B, N, C) the teacher's block-26 output (T26).
     pooled: (B, C) the student's MAP-head output.
     teacher_pooled: (B, C) the teacher's pooled embedding.
-    weights: term weights; `STAGE_WEIGHTS[s]` reproduces stage s (default: stage 1).
+    weights: term weights; those of stage s are `tokenizer_training.recipe.loss_config(s)`.
   Returns:
     (loss, {"token_mse", "token_cos", "pool_mse", "pool_cos"}), cos being the similarity itself.
   """

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -130,17 +130,6 @@ class CodeHistogram:
     if counts.ndim != 2 or counts.dtype != np.int64:
       raise ValueError(f"{path}: counts must be int64 (D, K), got {counts.dtype} {counts.shape}")
     return cls(counts)
-
-
-def merge_all(histograms: Iterable[CodeHistogram]) -> CodeHistogram:
-  """Sum of several histograms (one per shard or host)."""
-  histograms = list(histograms)
-  if not histograms:
-    raise ValueError("merge_all needs at least one CodeHistogram")
-  out = histograms[0]
-  for h in histograms[1:]:
-    out = out.merge(h)
-  return out
 
 
 def usage_stats(counts, pooled: bool = False) -> dict[str, np.ndarray]:

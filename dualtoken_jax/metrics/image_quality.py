@@ -2,7 +2,7 @@
 
 Images are channels-last, `(H, W, C)` or `(B, H, W, C)`, float, RGB in [0, 1] (data range 1).
 The reference evaluation (R:eval.py) clamps the decoder output to [-1, 1] and maps it to
-[0, 1] before both metrics: `decoder_to_unit` does exactly that.
+[0, 1] before both metrics: `data.images.to_unit` does exactly that.
 
 PSNR (pyiqa `psnr`, RGB, no Y channel, no border crop), per image:
     PSNR = 10 · log10(R² / (MSE + eps)),   MSE = mean over H, W, C of (x − y)²,
@@ -32,11 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-
-
-def decoder_to_unit(y):
-  """Decoder output (nominally [-1, 1], unbounded) -> [0, 1]: clamp to [-1, 1], then (y + 1) / 2."""
-  return (jnp.clip(y, -1.0, 1.0) + 1.0) * 0.5
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
@@ -84,7 +79,7 @@ def check_range(x, lo: float = 0.0, hi: float = 1.0, name: str = "images", slack
   if amin < lo - slack or amax > hi + slack:
     raise ValueError(f"{name} must lie in [{lo:g}, {hi:g}] (RGB scaled by the data range), got "
                      f"values in [{amin:.4g}, {amax:.4g}]; map decoder output with "
-                     "decoder_to_unit")
+                     "data.images.to_unit")
 
 
 @jax.jit

@@ -22,6 +22,7 @@ import grain
 
 from dualtoken_jax.data import records
 from dualtoken_jax.data.webdataset import WebDatasetSource
+from dualtoken_jax.mllm import sequence
 
 
 class CaptionSource:
@@ -57,19 +58,21 @@ class CaptionSource:
       if records.is_skipped(record):
         return record
       if not record.get("caption"):
-        return records_skip("bad_caption", record["key"], "tar sample without a caption")
+        return sequence.SKIPS.record("bad_caption", record["key"],
+                                     "tar sample without a caption")
       return record
     key = f"{os.path.basename(self._path)}/{index}"
     item = self._items[index]
     if item is None:
-      return records_skip("bad_caption", key, "unparsable JSON line")
+      return sequence.SKIPS.record("bad_caption", key, "unparsable JSON line")
     if not isinstance(item, dict):
-      return records_skip("bad_caption", key, f"record is a {type(item).__name__}, not an object")
+      return sequence.SKIPS.record("bad_caption", key,
+                                   f"record is a {type(item).__name__}, not an object")
     caption = item.get("caption", item.get("text"))
     image = item.get("image")
     if not isinstance(caption, str) or not isinstance(image, str):
-      return records_skip("bad_caption", str(item.get("id", key)),
-                          "records need string 'image' and 'caption' (or 'text') fields")
+      return sequence.SKIPS.record("bad_caption", str(item.get("id", key)),
+                                   "records need string 'image' and 'caption' (or 'text') fields")
     if self._root and not os.path.isabs(image):
       image = os.path.join(self._root, image)
     return {"key": str(item.get("id", key)), "image": image, "caption": caption}
@@ -83,10 +86,6 @@ def _parse_line(line: str):
     return json.loads(line)
   except ValueError:
     return None  # becomes a "bad_caption" skip when read
-
-
-def records_skip(reason: str, key: str, error: str) -> dict[str, Any]:
-  return {"key": key, "skip": reason, "error": error}
 
 
 class CaptionDropout(grain.transforms.RandomMap):

@@ -266,10 +266,10 @@ def validate(config) -> None:
 
 def from_dict(d) -> ml_collections.ConfigDict:
   """An experiment config back from `config.to_dict()` as stored in a checkpoint's metadata
-  (JSON turns the decoder's tuples into lists)."""
+  (JSON turns tuples into lists): the decoder and tokenizer configs are read with their own
+  `from_dict`, over their current defaults."""
   config = ml_collections.ConfigDict(d)
-  llm = config.model.llm
-  llm.attention_pattern = tuple(llm.attention_pattern)
-  llm.eos_ids = tuple(llm.eos_ids)
+  config.model.llm = llm_config.from_dict(config.model.llm.to_dict())
+  config.model.tokenizer = tokenizer_config.from_dict(config.model.tokenizer.to_dict())
   validate_model(config.model)
   return config

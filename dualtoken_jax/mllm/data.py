@@ -10,7 +10,7 @@ Train stream (per host, like `data.make_train_dataset`):
 `PrepareExample` reads and decodes the image (shorter side -> image_size, centre crop, [-1, 1])
 or looks its codes up in a `CodeTable`, and builds the token arrays (`sequence.build_example`).
 Anything wrong with a sample (unreadable or undecodable image, missing codes, malformed
-conversation, too long) turns it into a skip record with a reason from `SKIP_REASONS`; batches
+conversation, too long) turns it into a skip record with a reason from `sequence.SKIPS`; batches
 carry the counts and the iterator keeps per-reason totals in its (checkpointed) state.
 """
 
@@ -34,25 +34,11 @@ from dualtoken_jax.data.pipeline import resolve_shard
 from dualtoken_jax.mllm import caption_data
 from dualtoken_jax.mllm import sequence
 
-SKIP_REASONS = records.SKIP_REASONS + ("bad_conversation", "too_long", "missing_codes",
-                                       "bad_codes", "bad_caption")
-_INDEX = {r: i for i, r in enumerate(SKIP_REASONS)}
 ARRAY_KEYS = ("tokens", "image_mask", "input_mask", "loss_mask", "mask_ar", "gen_mask",
               "has_image")
 IMAGE_KEYS = ("image",)
 CODE_KEYS = ("codes_pixel", "codes_semantic")
-
-
-def counts(reason: str | None = None) -> np.ndarray:
-  c = np.zeros(len(SKIP_REASONS), np.int32)
-  if reason is not None:
-    c[_INDEX[reason]] = 1
-  return c
-
-
-def counts_to_dict(c) -> dict[str, int]:
-  c = np.asarray(c).reshape(-1, len(SKIP_REASONS)).sum(axis=0)
-  return {r: int(n) for r, n in zip(SKIP_REASONS, c)}
+_skip = sequence.SKIPS.record  # a skip record with an MLLM reason
 
 
 # ---------------------------------------------------------------- sources
@@ -116,12 +102,6 @@ class ConversationSource:
 
   def __repr__(self) -> str:
     return f"ConversationSource({self._path!r}, image_root={self._root!r})"
-
-
-def _skip(reason: str, key: str, error: str) -> dict[str, Any]:
-  if reason not in _INDEX:
-    raise ValueError(f"unknown skip reason {reason!r}")
-  return {"key": key, "skip": reason, "error": error}
 
 
 class CodeTable:
@@ -237,77 +217,11 @@ def make_train_dataset(sources, prepare: PrepareExample, *, batch_size: int,
     sources = [(sources, 1.0)]
   ds = caption_data.mixed_stream(sources, seed, caption_dropout)
   ds = ds.map(prepare)[shard_index::shard_count]
-  ds = _DropSkipped(ds.to_iter_dataset(), max_consecutive_skips)
+  ds = pipeline.DropSkipped(ds.to_iter_dataset(), sequence.SKIPS,
+                            max_consecutive_skips=max_consecutive_skips)
   ds = ds.batch(batch_size, drop_remainder=True)
-  return _CountSkips(pipeline._parallelize(ds, num_workers, 0))  # pylint: disable=protected-access
-
-
-class SkipCountingIterator(grain.DatasetIterator):
-  """Outermost iterator: moves per-batch skip counts into `skipped`, keeps totals in state."""
-
-  def __init__(self, parent):
-    super().__init__(parent)
-    self._totals = counts()
-
-  @property
-  def skipped_total(self) -> dict[str, int]:
-    return counts_to_dict(self._totals)
-
-  def __next__(self):
-    batch = dict(next(self._parent))
-    batch["skipped"] = np.asarray(batch["skipped"]).sum(axis=0)
-    self._totals = self._totals + batch["skipped"]
-    return batch
-
-  def get_state(self):
-    return {"parent": self._parent.get_state(), "skipped_total": self.skipped_total}
-
-  def set_state(self, state):
-    self._parent.set_state(state["parent"])
-    self._totals = np.array([int(state["skipped_total"].get(r, 0)) for r in SKIP_REASONS],
-                            np.int32)
-
-
-class _CountSkips(grain.IterDataset):
-  def __iter__(self):
-    return SkipCountingIterator(self._parent.__iter__())
-
-
-class _DropSkippedIterator(grain.DatasetIterator):
-  """Drops skip records; the next kept example carries their counts in `skipped`."""
-
-  def __init__(self, parent, max_consecutive_skips: int):
-    super().__init__(parent)
-    self._max = max_consecutive_skips
-
-  def __next__(self):
-    skipped = counts()
-    while True:
-      element = next(self._parent)
-      if not records.is_skipped(element):
-        return {**element, "skipped": skipped}
-      skipped[_INDEX[element["skip"]]] += 1
-      logging.warning("skipping sample %r (%s): %s", element["key"], element["skip"],
-                      element["error"])
-      if skipped.sum() >= self._max:
-        raise RuntimeError(f"{skipped.sum()} samples in a row could not be used "
-                           f"({counts_to_dict(skipped)}); last: {element['key']!r}: "
-                           f"{element['error']}. Check data paths, image_root and codes.")
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
-
-
-class _DropSkipped(grain.IterDataset):
-  def __init__(self, parent, max_consecutive_skips: int):
-    super().__init__(parent)
-    self._max = max_consecutive_skips
-
-  def __iter__(self):
-    return _DropSkippedIterator(self._parent.__iter__(), self._max)
+  return pipeline.CountSkips(pipeline.parallelize(ds, num_workers, 0), sequence.SKIPS,
+                             batch_size=batch_size, drop_remainder=False)
 
 
 # ---------------------------------------------------------------- a fixed evaluation set
@@ -317,11 +231,11 @@ def eval_batches(source: ConversationSource, prepare: PrepareExample, batch_size
   """This host's share of `source`, prepared once, as full batches (every host the same
   number; padding rows score nothing). Returns (batches, skip counts)."""
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
-  examples, skipped = [], counts()
+  examples, skipped = [], sequence.SKIPS.zeros()
   for i in range(shard_index, len(source), shard_count):
     example = prepare.map(source[i])
     if records.is_skipped(example):
-      skipped[_INDEX[example["skip"]]] += 1
+      skipped[sequence.SKIPS.index(example["skip"])] += 1
       logging.warning("eval: skipping %r (%s): %s", example["key"], example["skip"],
                       example["error"])
     else:
@@ -329,12 +243,13 @@ def eval_batches(source: ConversationSource, prepare: PrepareExample, batch_size
   per_host = -(-len(source) // shard_count)
   num_batches = max(-(-per_host // batch_size), 1)
   if not examples:
-    raise ValueError(f"no usable evaluation samples in {source!r}: {counts_to_dict(skipped)}")
+    raise ValueError(f"no usable evaluation samples in {source!r}: "
+                     f"{sequence.SKIPS.to_dict(skipped)}")
   padding = {k: np.zeros_like(v) for k, v in examples[0].items() if k != "key"}
   batches = []
   for b in range(num_batches):
     rows = examples[b * batch_size:(b + 1) * batch_size]
     rows += [padding] * (batch_size - len(rows))
     batches.append({k: np.stack([r[k] for r in rows]) for k in padding})
-  return batches, counts_to_dict(skipped)
+  return batches, sequence.SKIPS.to_dict(skipped)
 

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from dualtoken_jax.data import load_image, sample_photos
 from dualtoken_jax.mllm import generation
 from dualtoken_jax.mllm import projector as V
-from dualtoken_jax.reconstruct import to_uint8
+from dualtoken_jax.data.images import psnr, to_uint8
 
 # What each bundled photo shows; the understanding task names it, the captions draw it.
 ANSWERS = {
@@ -139,7 +139,7 @@ def report(config, state, vocab, workdir: Path) -> dict:
     vector = _code_vectors(model, out["codes_pixel"], out["codes_semantic"])[0]
     nearest = int(np.argmin(((photo_vectors - vector) ** 2).sum(axis=1)))
     generated.append(nearest == i)
-    psnrs.append(_psnr(out["images"][0], reconstructions[i]))
+    psnrs.append(psnr(out["images"][0], reconstructions[i], data_range=2.0))
     rows.append((REPORT_CAPTION.format(ANSWERS[key]), out["images"][0], reconstructions[i],
                  images[nearest], keys[nearest]))
   result = {"understanding_accuracy": float(np.mean(understood)),
@@ -162,12 +162,6 @@ def _code_vectors(model, codes_pix, codes_sem) -> np.ndarray:
   vectors = V.visual_vectors(model.tokenizer, model.tokenizer_variables, codes_pix, codes_sem,
                              "code_embeddings")
   return np.asarray(jax.device_get(vectors)).reshape(len(codes_pix), -1)
-
-
-def _psnr(x, y) -> float:
-  """PSNR (dB) of two images in [-1, 1]."""
-  mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)) / 4.0
-  return float(10 * np.log10(1.0 / max(mse, 1e-10)))
 
 
 def _sheet(rows, scale: int = 2) -> Image.Image:

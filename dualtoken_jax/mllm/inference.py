@@ -30,6 +30,8 @@ from dualtoken_jax.mllm import model as M
 from dualtoken_jax.mllm import projector as V
 from dualtoken_jax.mllm import sequence
 from dualtoken_jax.mllm import state as S
+from dualtoken_jax.training import checkpoints
+from dualtoken_jax.training import state as T
 
 SPM_FILE = "sentencepiece.model"  # written into the workdir by train_mllm
 
@@ -54,15 +56,10 @@ class UnifiedModel:
     """The newest checkpoint of a train_mllm workdir (or one step directory). Only params and
     tokenizer are read (not the optimiser state). The SentencePiece model is `spm_model`, else
     the run's copy in the workdir, else the path in the config."""
-    step_dir = S.latest_step_dir(path)
-    config = C.from_dict(S.read_meta(step_dir)["config"])
+    step_dir = checkpoints.latest_step_dir(path)
+    config = C.from_dict(checkpoints.read_meta(step_dir)["config"])
     mesh = mesh or sharding.single_device_mesh()
-    modules = S.Modules(config)
-    abstract, boxed = S.abstract_state(modules)
-    shardings = sharding.named(S.state_specs(modules, abstract, boxed, mesh), mesh)
-    restored = S.restore_subtrees(step_dir, {
-        "params": S.with_shardings(abstract.params, shardings.params),
-        "tokenizer": S.with_shardings(abstract.tokenizer, shardings.tokenizer)})
+    restored = S.restore_weights(step_dir, T.state_layout(S.Modules(config), mesh))
     workdir_copy = step_dir.parent.parent / SPM_FILE
     spm = spm_model or (workdir_copy if workdir_copy.is_file() else config.text.spm_model)
     vocab = sequence.Vocabulary.load(spm, config.model.special_tokens)

@@ -39,15 +39,20 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from dualtoken_jax.data import records
 from dualtoken_jax.mllm import config as mllm_config
 
+# Why an MLLM sample is skipped: the image reasons plus the MLLM's own (`SkipExample.reason`
+# is one of these; the codes ones come from `data.PrepareExample`).
+SKIPS = records.IMAGE_SKIPS.extend("bad_conversation", "too_long", "missing_codes",
+                                   "bad_codes", "bad_caption")
 IMAGE_MARKER = "<image>"
 USER_ROLES = ("human", "user")
 MODEL_ROLES = ("gpt", "assistant", "model")
 
 
 class SkipExample(ValueError):
-  """A sample that cannot become a training example; `reason` names why (for counting)."""
+  """A sample that cannot become a training example; `reason` (one of `SKIPS`) names why."""
 
   def __init__(self, reason: str, message: str):
     super().__init__(message)

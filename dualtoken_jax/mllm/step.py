@@ -9,15 +9,13 @@ has caption data, `image_weight` x the mean cross-entropy over every (position, 
 prediction of both heads on the generation rows (teacher-forced; image-code targets never
 enter the text loss).
 A step whose loss or gradient is not finite changes nothing but the step and RNG (its
-`finite` metric is 0), as in the tokenizer's step.
+`finite` metric is 0: `training.state.keep_if_finite`), as in the tokenizer's step.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -27,6 +25,7 @@ from dualtoken_jax.mllm import projector as V
 from dualtoken_jax.mllm.model import DualTokenMLLM
 from dualtoken_jax.mllm.state import MLLMState, Modules
 from dualtoken_jax.models.dualtoken import DualToken
+from dualtoken_jax.training import state as T
 
 Metrics = dict[str, jax.Array]
 
@@ -91,19 +90,6 @@ def _forward(modules: Modules, params, visual, batch):
                              batch["input_mask"], batch["mask_ar"])
 
 
-def activation_sharding(modules: Modules, mesh):
-  """Context in which the decoder's activation constraints (`act_batch`, ...) take effect: the
-  (abstract) mesh and the config's logical rules. Without it XLA may shard activations like
-  the FSDP weights and gather the batch instead of the weights. (The frozen tokenizer runs
-  outside it: its inputs are batch-sharded already.)"""
-  if mesh is None:
-    return contextlib.nullcontext()
-  stack = contextlib.ExitStack()
-  stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
-  stack.enter_context(nn.logical_axis_rules([tuple(r) for r in modules.config.sharding_rules]))
-  return stack
-
-
 def trains_generation(config) -> bool:
   """Whether the step computes the heads' code loss (static: caption data is configured)."""
   return bool(config.data.captions)
@@ -122,7 +108,7 @@ def make_train_step(modules: Modules, mesh=None, generation: bool | None = None)
     visual = visual_inputs(modules, state.tokenizer, batch, codes)
 
     def loss_fn(params):
-      with activation_sharding(modules, mesh):
+      with T.activation_sharding(modules.rules, mesh):
         pre = modules.model.apply({"params": params}, batch["tokens"], batch["image_mask"],
                                   visual, batch["input_mask"], batch["mask_ar"],
                                   method=DualTokenMLLM.hidden_states)
@@ -149,11 +135,9 @@ def make_train_step(modules: Modules, mesh=None, generation: bool | None = None)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     metrics.update({"grad_norm": grad_norm, "lr": modules.schedule(state.step),
                     "finite": finite.astype(jnp.float32)})
-    keep = lambda new, old: jnp.where(finite, new, old)
-    return state.replace(step=state.step + 1,
-                         params=jax.tree.map(keep, params, state.params),
-                         opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-                         rng=jax.random.key_data(key)), metrics
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        rng=jax.random.key_data(key))
+    return T.keep_if_finite(finite, new, state, ("params", "opt_state")), metrics
 
   return step
 
@@ -164,7 +148,7 @@ def make_eval_step(modules: Modules, mesh=None) -> Callable:
 
   def step(params, tokenizer_variables, batch) -> Metrics:
     visual = visual_inputs(modules, tokenizer_variables, batch)
-    with activation_sharding(modules, mesh):
+    with T.activation_sharding(modules.rules, mesh):
       logits = _forward(modules, params, visual, batch)
     nll, correct, weights = token_nll(logits, batch["tokens"], batch["loss_mask"])
     return {"nll_sum": (nll * weights).sum(), "correct_sum": (correct * weights).sum(),

@@ -30,6 +30,7 @@ from dualtoken_jax.mllm.inference import SPM_FILE
 from dualtoken_jax.mllm.step import make_eval_step, make_train_step
 from dualtoken_jax.training import checkpoints
 from dualtoken_jax.training import optimizer as O
+from dualtoken_jax.training import state as T
 from dualtoken_jax.training.loop import run_training_loop
 from dualtoken_jax.training.metrics_log import MetricLogger
 
@@ -71,22 +72,18 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
 
   # ---------------------------------------------------------------- state
   modules = S.Modules(config)
-  abstract, boxed = S.abstract_state(modules)
-  shardings = sharding.named(S.state_specs(modules, abstract, boxed, mesh), mesh)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", **config.checkpoint)
-  start = ckpt.latest_step()
-  if start is None:
-    state = S.create(modules, mesh, shardings)
-    start = 0
+  state, layout, start = T.setup_state(modules, mesh, ckpt, train_iter)
+  shardings = layout.shardings
+  if start == 0:
     trainable, total = O.count_trainable(state.params, modules.masks(state.params))
     logging.info("%d of %d parameters train", trainable, total)
     logger.text("parameter_overview", parameter_overview.get_parameter_overview(state.params))
   else:
-    state, _ = ckpt.restore(start, S.with_shardings(abstract, shardings), train_iter)
     logging.info("resumed from step %d", start)
 
   # ---------------------------------------------------------------- steps
-  batch_sharding = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+  batch_sharding = data.batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   train_step = jax.jit(make_train_step(modules, mesh), in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, replicated), donate_argnums=0)

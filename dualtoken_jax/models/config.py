@@ -3,6 +3,7 @@
 A model config is an `ml_collections.ConfigDict`; files in `configs/` build theirs with
 `tokenizer_config(...)`. `validate(config)` checks taps, grid, codebooks and decoder shapes and
 raises `ConfigError` naming the field, so a wrong config fails before XLA compiles anything.
+`from_dict(saved)` reads a saved (JSON) config back over the current defaults.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 
 import ml_collections
+
+from dualtoken_jax import config_files
 
 # SigLIP vision widths (big_vision `vit.decode_variant`): width, depth, mlp_dim, heads.
 VIT_VARIANTS = {
@@ -92,6 +95,42 @@ def tokenizer_config(*, vision, image_size, layer_recon, layer_sem, layer_shortc
       # the same result without a full (B, heads, tokens, tokens) map (training memory).
       attention_chunk=0,
   ))
+
+
+# Fields with no default: a saved config must name them.
+_REQUIRED = ("image_size", "layer_recon", "layer_sem", "vision")
+_REQUIRED_VISION = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+_REQUIRED_TEXT = ("width", "depth", "mlp_dim", "num_heads", "vocab_size", "max_len")
+
+
+def from_dict(saved) -> ml_collections.ConfigDict:
+  """A tokenizer config from its JSON form (`DualTokenizer.save`'s config.json), validated.
+
+  The saved values are merged over `tokenizer_config`'s current defaults (nested vision, vq_*,
+  decoder and text too), so a config written before a field existed loads with that field's
+  default; JSON lists become the config's tuples.
+  """
+  text = saved["text"] if "text" in saved else None
+  missing = _missing(saved, _REQUIRED, "") + _missing(saved.get("vision", {}), _REQUIRED_VISION,
+                                                      "vision.")
+  if text is not None:
+    missing += _missing(text, _REQUIRED_TEXT, "text.")
+  _check(not missing, f"the saved config lacks {', '.join(missing)} (no default)")
+  if text is not None:
+    text = text_config(**{k: text[k] for k in _REQUIRED_TEXT})
+  vision = saved["vision"]
+  defaults = tokenizer_config(
+      vision=vit_config("B", vision["patch_size"]), image_size=saved["image_size"],
+      layer_recon=saved["layer_recon"], layer_sem=saved["layer_sem"],
+      vq_pix=quantizer_config(ema_update="per_level"), vq_sem=quantizer_config(ema_update="pooled"),
+      decoder=decoder_config(), text=text)
+  config = config_files.merge_saved(defaults, saved)
+  validate(config)
+  return config
+
+
+def _missing(saved, fields, prefix: str) -> list[str]:
+  return [prefix + f for f in fields if f not in saved]
 
 
 def grid_size(config) -> int:

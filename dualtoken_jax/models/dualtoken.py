@@ -35,7 +35,7 @@ def vision_tower(config, **overrides) -> VisionTower:
             depth=v.depth, mlp_dim=v.mlp_dim, num_heads=v.num_heads,
             layer_norm_eps=v.layer_norm_eps, scan=config.scan_layers,
             remat_policy=model_config.REMAT_POLICIES[config.remat_policy],
-            dtype=jnp.dtype(config.dtype), attention_chunk=config.get("attention_chunk", 0))
+            dtype=jnp.dtype(config.dtype), attention_chunk=config.attention_chunk)
   kw.update(overrides)
   return VisionTower(**kw)
 
@@ -72,7 +72,7 @@ class DualToken(nn.Module):
     # maps outweigh a ViT block's, so they follow the tower's remat policy.
     cls = (nn.remat(AttnProjection, policy=getattr(jax.checkpoint_policies, remat)) if remat
            else AttnProjection)
-    proj = functools.partial(cls, attention_chunk=c.get("attention_chunk", 0))
+    proj = functools.partial(cls, attention_chunk=c.attention_chunk)
     self.prequant_pix = proj(pix.embed_dim, heads(pix), dtype=dtype)
     if c.layer_shortcut is not None:
       self.prequant_shortcut = proj(pix.embed_dim, heads(pix), dtype=dtype)
@@ -85,7 +85,7 @@ class DualToken(nn.Module):
     self.post_quant_conv = PostQuantResnetBlock(d.in_channels, dropout=d.dropout, dtype=dtype)
     self.decoder = Decoder(ch=d.ch, ch_mult=d.ch_mult, num_res_blocks=d.num_res_blocks,
                            attn_resolutions=d.attn_resolutions, out_ch=d.out_ch,
-                           dropout=d.dropout, remat=d.get("remat", False), dtype=dtype)
+                           dropout=d.dropout, remat=d.remat, dtype=dtype)
 
   # ---------------------------------------------------------------- encode
   def encode(self, images, train: bool = False, collect_hidden: bool = False,
@@ -175,6 +175,10 @@ class DualToken(nn.Module):
   def teacher(self, images, collect_hidden: bool = False):
     """Plain SigLIP on the same weights (the frozen teacher when applied to its own params)."""
     return self.img(images, collect=collect_hidden)
+
+  def siglip_embedding(self, images):
+    """L2-normalised plain SigLIP embedding (B, width): `teacher`'s pooled output, no quantiser."""
+    return l2_normalize(self.teacher(images))
 
   def encode_text(self, tokens):
     if self.config.text is None:

@@ -21,20 +21,19 @@ feed such 299×299 images and the resize here is the identity.
 Parameter names mirror pytorch-fid's module names: `params/Mixed_5b/branch1x1/conv/kernel`,
 `params/…/bn/{scale,bias}` and `batch_stats/…/bn/{mean,var}` for
 `Mixed_5b.branch1x1.conv.weight`, `….bn.{weight,bias,running_mean,running_var}`.
-`dualtoken_jax.convert_inception` converts the released `.pth`; `load(path)` reads the result.
+`dualtoken_jax.convert_inception` converts the released `.pth`; `bridges.inception.load(path)`
+reads the result.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from dualtoken_jax.bridges.tensor_files import CheckpointError
+from flax import traverse_util
 
 FID_SIZE = 299
 FEATURE_DIM = 2048
@@ -253,56 +252,4 @@ def expected_shapes(model: FIDInceptionV3 | None = None) -> dict[str, tuple[int,
   model = model or FIDInceptionV3()
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, FID_SIZE, FID_SIZE, 3), jnp.float32))
-  return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
-
-
-def flatten(tree, prefix: str = "") -> dict[str, Any]:
-  """Nested dicts -> {"a/b/c": leaf}."""
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}{k}"
-    if isinstance(v, dict) or hasattr(v, "items"):
-      out.update(flatten(v, path + "/"))
-    else:
-      out[path] = v
-  return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
-def save(path: str | os.PathLike, variables) -> None:
-  """Writes `{"params": …, "batch_stats": …}` as a flat float32 `.npz` (the `load` format)."""
-  flat = {k: np.asarray(v, np.float32) for k, v in flatten(variables).items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{os.fspath(path)}.tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, **flat)
-  os.replace(tmp, path)
-
-
-def load(path: str | os.PathLike, model: FIDInceptionV3 | None = None) -> dict[str, Any]:
-  """Variables for `FIDInceptionV3.apply` from an `.npz` written by `convert_inception`.
-
-  Strict: raises `CheckpointError` listing every missing, unexpected or misshaped key.
-  """
-  expected = expected_shapes(model)
-  with np.load(path, allow_pickle=False) as f:
-    flat = {k: np.asarray(f[k], np.float32) for k in f.files}
-  err = CheckpointError(
-      f"Inception weights {path}",
-      missing=[k for k in expected if k not in flat],
-      unexpected=[k for k in flat if k not in expected],
-      misshaped=[f"{k}: file {flat[k].shape}, model {expected[k]}" for k in expected
-                 if k in flat and flat[k].shape != expected[k]])
-  if err.has_problems:
-    raise err
-  return jax.tree.map(jnp.asarray, unflatten(flat))
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes, sep="/").items()}

@@ -7,23 +7,19 @@ with φ_l the VGG16 activations relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (64,
 Inputs are images in [-1, 1]; the result is one distance per batch element, float32.
 
 The weights are frozen ImageNet VGG16 (torchvision) plus the LPIPS v0.1 heads (`vgg.pth`), which
-`python -m dualtoken_jax.convert_lpips` turns into one `.npz` for `load_lpips`. Parameter names
+`python -m dualtoken_jax.convert_lpips` turns into one `.npz` for `bridges.lpips.load`. Parameter names
 carry torchvision's feature index (`vgg/conv{idx}`), so the mapping is `features.{idx}` -> `conv{idx}`.
 The reference's dropout before each head is inactive (the module runs in eval mode), so none here.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
-
-from dualtoken_jax.bridges.tensor_files import CheckpointError, read_tensors
 
 Dtype = Any
 
@@ -135,27 +131,3 @@ def param_shapes() -> dict[str, tuple[int, ...]]:
   dummy = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
   shapes = jax.eval_shape(LPIPS().init, jax.random.key(0), dummy, dummy)["params"]
   return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes, sep="/").items()}
-
-
-def load_lpips(path: str | os.PathLike | None) -> dict:
-  """The LPIPS `params` tree (numpy float32) from an `.npz` written by `convert_lpips`.
-
-  Keys must match the model exactly; any missing, extra or misshaped array is reported at once.
-  """
-  if not path:
-    raise ValueError(
-        "no LPIPS weights configured: LPIPS needs ImageNet VGG16 + LPIPS v0.1 heads, which are never "
-        "downloaded. Convert them once with `python -m dualtoken_jax.convert_lpips --vgg "
-        "vgg16-397923af.pth --lin vgg.pth --output lpips_vgg.npz` (torchvision's VGG16 weights and "
-        "the `lpips` package's weights/v0.1/vgg.pth) and pass the .npz path.")
-  tensors = read_tensors(path)
-  expected = param_shapes()
-  err = CheckpointError(
-      f"LPIPS weights {path}", missing=set(expected) - set(tensors),
-      unexpected=set(tensors) - set(expected),
-      misshaped=[f"{k}: {tuple(tensors[k].shape)}, expected {s}" for k, s in expected.items()
-                 if k in tensors and tuple(tensors[k].shape) != s])
-  if err.has_problems:
-    raise err
-  flat = {k: np.asarray(tensors[k], np.float32) for k in expected}
-  return traverse_util.unflatten_dict(flat, sep="/")

@@ -20,13 +20,6 @@ import jax.numpy as jnp
 AxisNames = str | Sequence[str] | None
 
 
-def init_state(codebook: jax.Array) -> dict:
-  """Fresh statistics for `codebook`: zero counts, sums equal to the table (the reference's init)."""
-  codebook = codebook.astype(jnp.float32)
-  return dict(codebook=codebook, cluster_size=jnp.zeros(codebook.shape[:1], jnp.float32),
-              embed_sum=codebook)
-
-
 def cluster_statistics(vectors: jax.Array, codes: jax.Array, codebook_size: int,
                        axis_name: AxisNames = None):
   """(n_k, s_k): how many vectors picked code k and their sum. Under `jax.jit` with sharded

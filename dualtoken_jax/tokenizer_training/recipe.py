@@ -93,7 +93,7 @@ def training_config(model: ml_collections.ConfigDict, *, stage: int = 1, batch_s
 
   c.checkpoint = dict(every_steps=2000, keep=3, async_save=True)
   c.log_every_steps = 50
-  c.eval = dict(every_steps=5000, images="sample", num_images=8, grid_every_steps=5000)
+  c.eval = dict(every_steps=5000, images="sample", num_images=8)
   c.max_consecutive_nonfinite = 20
   return c
 

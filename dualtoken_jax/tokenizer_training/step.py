@@ -8,12 +8,11 @@ Loss (spec B.3, weights from `config.loss`):
 The discriminator then takes one step on the same, detached x̂. A step whose loss or gradients
 are not finite changes nothing (its `finite` metric is 0); the loop counts and halts on those.
 The decoder and the pixel terms run in `pixel_loss.py` (in batch chunks, `loss.pixel_chunk`),
-and activations follow the config's logical sharding rules (`activation_sharding`).
+and activations follow the config's logical sharding rules (`training.state.activation_sharding`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -21,13 +20,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dualtoken_jax.losses import gan as G
 from dualtoken_jax.losses import semantic as S
 from dualtoken_jax.metrics import codebook_stats
 from dualtoken_jax.models.dualtoken import DualToken, vision_tower
-from dualtoken_jax.models.pixel_decoder import apply_conv_out
 from dualtoken_jax.tokenizer_training import pixel_loss as PL
 from dualtoken_jax.tokenizer_training.state import Modules, TrainState
+from dualtoken_jax.training import state as T
 
 Metrics = dict[str, jax.Array]
 
@@ -41,36 +39,6 @@ def teacher_features(tower, teacher_params, images, layer_sem: int):
   return jax.lax.stop_gradient(tokens), jax.lax.stop_gradient(pooled)
 
 
-def activation_sharding(config, images, mesh=None):
-  """Context in which the models' activation constraints (`act_batch`, ...) take effect: the
-  mesh (default: the one `images` is laid out on inside jit) and the config's logical rules.
-
-  Without it Flax's `with_logical_constraint` is a no-op, and XLA shards the ViT's activations
-  like its FSDP weights: every device then holds (and computes) the *global* batch's attention
-  maps — at So400m-384 that alone is ~8x the activation memory a device should need.
-  """
-  if mesh is None:
-    mesh = getattr(jax.typeof(images).sharding, "mesh", None)
-  if mesh is None or mesh.empty:
-    return contextlib.nullcontext()
-  stack = contextlib.ExitStack()
-  stack.enter_context(jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh)))
-  stack.enter_context(nn.logical_axis_rules([tuple(r) for r in config.sharding_rules]))
-  return stack
-
-
-def adaptive_weight(conv_params, conv_input, recon, nll_fn, g_fn, lo, hi):
-  """λ from the gradients of L_nll and L_G w.r.t. conv_out's kernel, via conv_out's input."""
-  h = jax.lax.stop_gradient(conv_input)
-  recon = jax.lax.stop_gradient(recon)
-  out_ch = recon.shape[-1]
-  _, vjp = jax.vjp(lambda kernel: apply_conv_out({**conv_params, "kernel": kernel}, h, out_ch),
-                   conv_params["kernel"])
-  (g_nll,) = vjp(jax.grad(nll_fn)(recon).astype(h.dtype))
-  (g_gen,) = vjp(jax.grad(g_fn)(recon).astype(h.dtype))
-  return G.adaptive_gan_weight(g_nll, g_gen, lo, hi)
-
-
 def make_train_step(modules: Modules, lpips: Callable | None, with_gan: bool, mesh=None) -> Callable:
   """(state, images) -> (state, metrics). `lpips`: (x̂, x) -> (B,) distances, or None. `mesh`:
   where activations are sharded (default: the mesh `images` arrive on)."""
@@ -82,10 +50,12 @@ def make_train_step(modules: Modules, lpips: Callable | None, with_gan: bool, me
   update_codebooks = tuple(config.update_codebooks)
   # Images per batch shard that the decoder, LPIPS and D see at a time (0 = all), and whether
   # the decoder's activations are recomputed in the backward pass (see pixel_loss.py).
-  chunk, remat = loss_cfg.get("pixel_chunk", 0), config.model.decoder.get("remat", False)
+  chunk, remat = loss_cfg.pixel_chunk, config.model.decoder.remat
 
   def step(state: TrainState, images) -> tuple[TrainState, Metrics]:
-    with activation_sharding(config, images, mesh):
+    # Inside jit, `images`' abstract sharding names the mesh when none is given.
+    on = mesh if mesh is not None else getattr(jax.typeof(images).sharding, "mesh", None)
+    with T.activation_sharding(config.sharding_rules, on):
       return sharded_step(state, images)
 
   def sharded_step(state: TrainState, images) -> tuple[TrainState, Metrics]:
@@ -143,14 +113,8 @@ def make_train_step(modules: Modules, lpips: Callable | None, with_gan: bool, me
     new = state.replace(step=state.step + 1, params=params, vq_stats=vq_stats, opt_state=opt_state,
                         disc_params=disc_params, disc_opt_state=disc_opt_state,
                         rng=jax.random.key_data(key))
-    # A non-finite step keeps the old weights, statistics and optimiser state (the step and the
-    # RNG advance, so the run moves on to the next batch).
-    keep = lambda a, b: jnp.where(finite, a, b)
-    new = new.replace(params=jax.tree.map(keep, new.params, state.params),
-                      vq_stats=jax.tree.map(keep, new.vq_stats, state.vq_stats),
-                      opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
-                      disc_params=jax.tree.map(keep, new.disc_params, state.disc_params),
-                      disc_opt_state=jax.tree.map(keep, new.disc_opt_state, state.disc_opt_state))
+    new = T.keep_if_finite(finite, new, state, ("params", "vq_stats", "opt_state", "disc_params",
+                                                "disc_opt_state"))
     return new, metrics
 
   return step

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import parameter_overview
-from jax.sharding import NamedSharding, PartitionSpec
 
 from dualtoken_jax import data
 
@@ -23,10 +22,12 @@ from dualtoken_jax.models import config as model_config
 
 from dualtoken_jax.parallel import sharding
 from dualtoken_jax.metrics import image_quality
+from dualtoken_jax.bridges import lpips as lpips_weights
 from dualtoken_jax.models import lpips as lpips_model
-from dualtoken_jax.reconstruct import side_by_side, to_uint8
+from dualtoken_jax.data.images import side_by_side, to_uint8, to_unit
 from dualtoken_jax.tokenizer_training import inputs
 from dualtoken_jax.training import checkpoints
+from dualtoken_jax.training import state as T
 from dualtoken_jax.training.loop import NonFiniteLossError, run_training_loop
 from dualtoken_jax.tokenizer_training import state as S
 from dualtoken_jax.training.metrics_log import MetricLogger
@@ -52,24 +53,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   per_host = data.host_batch_size(config.batch_size, mesh)
   train_iter = inputs.train_iterator(config, per_host)
   eval_images = inputs.eval_images(config.eval, size)
-  batch_sharding = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+  batch_sharding = data.batch_sharding(mesh)
 
   # ---------------------------------------------------------------- state
   modules = S.Modules(config)
-  images_shape = (1, size, size, 3)
-  abstract, boxed = S.abstract_state(modules, images_shape)
-  specs = S.state_specs(modules, abstract, boxed, mesh)
-  shardings = sharding.named(specs, mesh)
   ckpt = checkpoints.Checkpointer(workdir / "checkpoints", **config.checkpoint)
-  start = ckpt.latest_step()
-  if start is None:
-    state = S.create(modules, images_shape, mesh, shardings)
-    start = 0
+  state, layout, start = T.setup_state(modules, mesh, ckpt, train_iter)
+  shardings = layout.shardings
+  if start == 0:
     logger.text("parameter_overview", parameter_overview.get_parameter_overview(state.params))
   else:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-    state, _ = ckpt.restore(start, target, train_iter)
     logging.info("resumed from step %d", start)
 
   # ---------------------------------------------------------------- steps
@@ -100,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 def evaluate(reconstruct, state, eval_images: np.ndarray, step: int, logger: MetricLogger) -> dict:
   """PSNR/SSIM of the fixed evaluation images and a [input | reconstruction] grid PNG."""
   recon = np.asarray(reconstruct(state.params, state.vq_stats, jnp.asarray(eval_images)))
-  x, y = image_quality.decoder_to_unit(eval_images), image_quality.decoder_to_unit(recon)
+  x, y = to_unit(eval_images), to_unit(recon)
   psnr = np.asarray(image_quality.psnr(y, x))
   ssim = np.asarray(image_quality.ssim(y, x))
   result = {"step": step, "psnr": float(psnr.mean()), "ssim": float(ssim.mean())}
@@ -120,7 +113,7 @@ def _lpips(config):
     logging.warning("no LPIPS weights configured (config.loss.lpips_weights): training WITHOUT "
                     "the LPIPS term. Convert them with `python -m dualtoken_jax.convert_lpips`.")
     return None
-  return lpips_model.lpips_fn(lpips_model.load_lpips(path))
+  return lpips_model.lpips_fn(lpips_weights.load(path))
 
 
 

@@ -24,11 +24,15 @@ class NonFiniteStateError(RuntimeError):
   """The state to be saved holds NaN or Inf."""
 
 
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def all_finite(tree: Any) -> bool:
+  """Whether every float leaf is free of NaN/Inf (one compiled reduction per tree structure)."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  if not leaves:
-    return True
-  return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+  return bool(_all_finite(leaves)) if leaves else True
 
 
 class Checkpointer:
@@ -44,6 +48,9 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
 
   def save(self, step: int, state: Any, data_iter: Any, meta: dict, force: bool = False) -> bool:
     if not (force or self.manager.should_save(step)):

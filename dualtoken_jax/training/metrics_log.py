@@ -77,8 +77,3 @@ def _tensorboard_writer(workdir: Path):
     logging.info("tensorflow not installed: metrics go to metrics.jsonl only")
     return None
   return metric_writers.create_default_writer(os.fspath(workdir), just_logging=False)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]

@@ -4,7 +4,8 @@ Which parameters train is data: `config.trainable` / `config.frozen` are lists o
 parameter paths ("img/Transformer/encoderblock_3/…", "llm/layer_3/…", always written per block).
 Whole frozen leaves go to `optax.set_to_zero` through `optax.multi_transform`; a stacked (scanned)
 leaf whose blocks are only partly frozen trains, and its frozen blocks' updates are zeroed
-afterwards. Stacks are big_vision's `encoderblock` and the Gemma decoder's `layers`.
+afterwards. Stacks are those of `bridges.layout.STACKS` (big_vision's `encoderblock`, the Gemma
+decoder's `layers`).
 Frozen parameters are therefore bitwise unchanged, weight decay included.
 """
 
@@ -18,9 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-STACKED = "/encoderblock/"  # big_vision's scan layout: blocks stacked on axis 0
-# Every scan layout: (path marker, per-block name). Gemma's `layers/` stacks `layer_{i}`.
-_STACKS = ((STACKED, "encoderblock_{}"), ("/layers/", "layer_{}"))
+from dualtoken_jax.bridges import layout
 
 
 def warmup_cosine(lr: float, warmup_steps: int, total_steps: int, end_lr: float = 0.0,
@@ -38,20 +37,6 @@ def warmup_cosine(lr: float, warmup_steps: int, total_steps: int, end_lr: float 
   return optax.join_schedules([warm, cos], [warmup_steps])
 
 
-def _stack(path: str) -> tuple[str, str] | None:
-  """(marker, per-block name) of the scan layout `path` is stacked in, or None."""
-  return next((s for s in _STACKS if s[0] in "/" + path), None)
-
-
-def _block_paths(path: str, shape: tuple[int, ...]) -> list[str]:
-  """Per-block paths of a leaf: one for an ordinary leaf, one per block for a stacked one."""
-  stack = _stack(path)
-  if stack is None:
-    return [path]
-  prefix, _, leaf = ("/" + path).partition(stack[0])
-  return [f"{prefix}/{stack[1].format(i)}/{leaf}"[1:] for i in range(shape[0])]
-
-
 def trainable_masks(params: Any, trainable: Sequence[str] = (".*",),
                     frozen: Sequence[str] = ()) -> Any:
   """Per leaf: a bool array over its blocks (shape (L,) for stacked leaves, () otherwise) saying
@@ -60,17 +45,17 @@ def trainable_masks(params: Any, trainable: Sequence[str] = (".*",),
   frozen_re = [re.compile(p) for p in frozen]
   def mask(path, leaf):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    paths = _block_paths(name, tuple(leaf.shape))
+    paths = layout.block_paths(name, tuple(leaf.shape))
     flags = [any(r.fullmatch(p) for r in train_re) and not any(r.fullmatch(p) for r in frozen_re)
              for p in paths]
-    return np.array(flags) if _stack(name) else np.array(flags[0])
+    return np.array(flags) if layout.stack_of(name) else np.array(flags[0])
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
 def decay_mask(params: Any) -> Any:
   """Weight decay on weights of rank >= 2 only (not biases, norms, gains), per block."""
   def rank(path, leaf):
-    stacked = _stack("/".join(str(getattr(k, "key", k)) for k in path)) is not None
+    stacked = layout.stack_of("/".join(str(getattr(k, "key", k)) for k in path)) is not None
     return (leaf.ndim - int(stacked)) >= 2
   return jax.tree_util.tree_map_with_path(rank, params)
 

@@ -5,23 +5,29 @@ sharded `model.safetensors.index.json`), and the text decoder inside
 `Gemma3ForConditionalGeneration` checkpoints (`language_model.model.` or
 `model.language_model.` prefixes; their vision tower and projector keys are skipped knowingly).
 
-One table of rules serves both directions. Several HF tensors may fill one of ours (k_proj and
-v_proj -> `kv_einsum`, gate_proj and up_proj -> `gating_einsum`), which `bridges/rules.py`'s
-one-foreign-key rules cannot express, hence the small `Rule` here. Import is strict: every
-missing, unexpected or misshaped key is listed in one `CheckpointError`.
+One table of `bridges.rules.Rule`s serves both directions; several HF tensors may fill one of
+ours (k_proj and v_proj -> `kv_einsum`, gate_proj and up_proj -> `gating_einsum`). Import is
+strict: every missing, unexpected or misshaped key is listed in one `CheckpointError`.
+`load_params` also fits a checkpoint to a decoder config with a larger vocabulary (the MLLM's
+appended special tokens) and places the params in their shardings.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+from jax.sharding import Mesh
 
+from dualtoken_jax.bridges import gemma_orbax
+from dualtoken_jax.bridges import layout
+from dualtoken_jax.bridges import rules as R
 from dualtoken_jax.bridges.tensor_files import CheckpointError, read_tensors, write_safetensors
 from dualtoken_jax.llm import config as C
+from dualtoken_jax.llm import sharding as S
 
 TEXT_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
 # Multimodal parts of Gemma3ForConditionalGeneration checkpoints: not the text decoder's.
@@ -30,34 +36,25 @@ _MULTIMODAL = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
 _LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """HF tensors `foreign` (with `shapes`) <-> our loop-layout path `ours`."""
-  foreign: tuple[str, ...]
-  shapes: tuple[tuple[int, ...], ...]
-  ours: str
-  to_ours: Callable[..., np.ndarray]
-  to_foreign: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+def _same(hf: str, ours: str, shape) -> R.Rule:
+  return R.one(hf, ours, shape=shape)
 
 
-def _same(hf: str, ours: str, shape) -> Rule:
-  return Rule((hf,), (tuple(shape),), ours, lambda a: a, lambda w: (w,))
-
-
-def _heads_in(hf: str, ours: str, n: int, d: int, h: int) -> Rule:
+def _heads_in(hf: str, ours: str, n: int, d: int, h: int) -> R.Rule:
   """Linear (n*h, d) <-> (n, d, h)."""
-  return Rule((hf,), ((n * h, d),), ours, lambda a: a.reshape(n, h, d).transpose(0, 2, 1),
-              lambda w: (w.transpose(0, 2, 1).reshape(n * h, d),))
+  return R.Rule((hf,), (ours,), lambda a: (a.reshape(n, h, d).transpose(0, 2, 1),),
+                lambda w: (w.transpose(0, 2, 1).reshape(n * h, d),), ((n * h, d),))
 
 
-def _fused_heads_in(hfs: tuple[str, ...], ours: str, n: int, d: int, h: int) -> Rule:
+def _fused_heads_in(hfs: tuple[str, ...], ours: str, n: int, d: int, h: int) -> R.Rule:
   """Several Linear (n*h, d) (k and v; or q, k and v) <-> one (len(hfs), n, d, h)."""
-  return Rule(hfs, ((n * h, d),) * len(hfs), ours,
-              lambda *a: np.stack([x.reshape(n, h, d).transpose(0, 2, 1) for x in a]),
-              lambda w: tuple(x.transpose(0, 2, 1).reshape(n * h, d) for x in w))
+  return R.Rule(hfs, (ours,),
+                lambda *a: (np.stack([x.reshape(n, h, d).transpose(0, 2, 1) for x in a]),),
+                lambda w: tuple(x.transpose(0, 2, 1).reshape(n * h, d) for x in w),
+                ((n * h, d),) * len(hfs))
 
 
-def rules(config, prefix: str = "model.") -> list[Rule]:
+def rules(config, prefix: str = "model.") -> list[R.Rule]:
   """The full table for a decoder config, HF keys under `prefix`."""
   d, f = config.width, config.mlp_dim
   n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
@@ -91,14 +88,13 @@ def rules(config, prefix: str = "model.") -> list[Rule]:
                                 k, d, h)]
     table += [
         # o_proj (D, N*H) <-> attn_vec_einsum (N, H, D)
-        Rule((f"{a}o_proj.weight",), ((d, n * h),), f"{o}attn/attn_vec_einsum/w",
-             lambda x: x.T.reshape(n, h, d), lambda w: (w.reshape(n * h, d).T,)),
+        R.one(f"{a}o_proj.weight", f"{o}attn/attn_vec_einsum/w", lambda x: x.T.reshape(n, h, d),
+              lambda w: w.reshape(n * h, d).T, shape=(d, n * h)),
         # gate_proj, up_proj (F, D) <-> gating_einsum (2, D, F): [0] is the GELU branch.
-        Rule((f"{t}mlp.gate_proj.weight", f"{t}mlp.up_proj.weight"), ((f, d), (f, d)),
-             f"{o}mlp/gating_einsum", lambda g, u: np.stack([g.T, u.T]),
-             lambda w: (w[0].T, w[1].T)),
-        Rule((f"{t}mlp.down_proj.weight",), ((d, f),), f"{o}mlp/linear", lambda x: x.T,
-             lambda w: (w.T,)),
+        R.Rule((f"{t}mlp.gate_proj.weight", f"{t}mlp.up_proj.weight"), (f"{o}mlp/gating_einsum",),
+               lambda g, u: (np.stack([g.T, u.T]),), lambda w: (w[0].T, w[1].T), ((f, d), (f, d))),
+        R.one(f"{t}mlp.down_proj.weight", f"{o}mlp/linear", lambda x: x.T, lambda w: w.T,
+              shape=(d, f)),
     ]
   return table
 
@@ -115,34 +111,22 @@ def import_tensors(tensors: Mapping[str, np.ndarray], config, what: str = "HF ch
                    ) -> dict[str, np.ndarray]:
   """HF state dict -> our loop-layout flat params (dtypes as stored)."""
   prefix = text_prefix(tensors)
-  table = rules(config, prefix)
-  claimed = {key for r in table for key in r.foreign}
   multimodal = prefix != "model."
-  missing = [key for key in claimed if key not in tensors]
-  unexpected = [key for key in tensors if key not in claimed and key not in _LM_HEADS
-                and not (multimodal and key.startswith(_MULTIMODAL))]
-  misshaped = [f"{key}: checkpoint {tuple(tensors[key].shape)}, model {shape}"
-               for r in table for key, shape in zip(r.foreign, r.shapes, strict=True)
-               if key in tensors and tuple(tensors[key].shape) != shape]
   other = []
+  emb = tensors.get(f"{prefix}embed_tokens.weight")
   for head in _LM_HEADS:  # tied: a saved lm_head must be the embedding table
-    emb = tensors.get(f"{prefix}embed_tokens.weight")
     if head in tensors and emb is not None and not np.array_equal(tensors[head], emb):
       other.append(f"{head} differs from {prefix}embed_tokens.weight; Gemma ties them")
-  err = CheckpointError(what, missing, unexpected, misshaped, other)
-  if err.has_problems:
-    raise err
-  return {r.ours: np.asarray(r.to_ours(*(np.asarray(tensors[key]) for key in r.foreign)))
-          for r in table}
+  ignore = lambda k: k in _LM_HEADS or (multimodal and k.startswith(_MULTIMODAL))
+  flat = R.import_tensors(tensors, rules(config, prefix), S.param_shapes(config, scan_layers=False),
+                          what, ignore=ignore, other=other)
+  return {k: np.asarray(v) for k, v in flat.items()}
 
 
 def export_tensors(flat_loop: Mapping[str, np.ndarray], config) -> dict[str, np.ndarray]:
   """Our loop-layout flat params -> a `*ForCausalLM` state dict."""
-  out = {}
-  for r in rules(config, "model."):
-    for key, value in zip(r.foreign, r.to_foreign(np.asarray(flat_loop[r.ours])), strict=True):
-      out[key] = np.ascontiguousarray(value)
-  return out
+  return {k: np.ascontiguousarray(v)
+          for k, v in R.export_tensors(flat_loop, rules(config, "model.")).items()}
 
 
 # ---------------------------------------------------------------- directories
@@ -175,6 +159,41 @@ def load(path: str | Path, config=None) -> tuple[dict[str, np.ndarray], object]:
   """(loop-layout flat params, config) from a HF checkpoint directory."""
   config = config or C.config_from_hf(read_config(path))
   return import_tensors(read_dir(path), config, f"HF checkpoint {path}"), config
+
+
+# Architecture fields a checkpoint must share with the decoder config it is loaded as (not
+# vocab_size: appended special tokens extend the table; not dtype/scan/remat: execution choices).
+ARCHITECTURE = ("family", "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                "attention_pattern", "sliding_window", "qk_norm", "post_attn_norm",
+                "post_ffw_norm", "query_pre_attn_scalar", "attn_logit_softcap",
+                "final_logit_softcap", "rope_base_local", "rope_base_global")
+
+
+def load_params(path: str | Path, config, mesh: Mesh | None = None,
+                rules: Sequence[tuple[str, Any]] = S.DEFAULT_RULES, seed: int = 0):
+  """A HF checkpoint directory as params of decoder `config`, in its layout, `param_dtype` and
+  shardings on `mesh`. The config's vocabulary may be larger than the checkpoint's: the new
+  embedding rows are drawn ~ N(0, 0.02) from `seed`. The architectures must agree."""
+  hf = C.config_from_hf(read_config(path))
+  different = [f"{k}: checkpoint {hf[k]!r}, config {config[k]!r}" for k in ARCHITECTURE
+               if _normal(hf[k]) != _normal(config[k])]
+  if hf.vocab_size > config.vocab_size:
+    different.append(f"vocab_size: checkpoint {hf.vocab_size} > config {config.vocab_size}")
+  if different:
+    raise CheckpointError(f"HF checkpoint {path} vs the decoder config", other=different)
+  flat, _ = load(path, hf)
+  table = flat[gemma_orbax.EMBEDDING]
+  new = config.vocab_size - table.shape[0]
+  if new:
+    flat[gemma_orbax.EMBEDDING] = np.asarray(gemma_orbax.fit_vocab(table, table.shape[0], new, seed))
+    logging.info("HF checkpoint %s: appended %d embedding rows for new tokens", path, new)
+  if config.scan_layers:
+    flat = layout.to_scan(flat, config.depth)
+  return S.place(layout.unflatten(flat), config, mesh, rules)
+
+
+def _normal(v):
+  return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
 def save(path: str | Path, flat_loop: Mapping[str, np.ndarray], config,

@@ -35,8 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 
-from dualtoken_jax.bridges.tensor_files import CheckpointError
-from dualtoken_jax.llm import layout
+from dualtoken_jax.bridges import layout
+from dualtoken_jax.bridges.tensor_files import CheckpointError, check_tree
 from dualtoken_jax.llm import sharding as S
 
 FLAT, STACKED, NESTED = "flat", "stacked", "nested"
@@ -156,26 +156,20 @@ def plan(found: Mapping[str, Source], config, what: str) -> dict[str, Source]:
   Raises CheckpointError listing every missing, unexpected and misshaped parameter.
   """
   expected = S.param_shapes(config, scan_layers=False)
-  missing = [p for p in expected if p not in found]
-  unexpected = [p for p in found if p not in expected and not _is_multimodal(p)]
-  misshaped = []
-  for path, shape in expected.items():
-    src = found.get(path)
-    if src is None or src.shape == shape:
-      continue
-    if path.endswith("/mlp/gating_einsum") and _gating_transposed(src.shape, shape, config):
-      continue
-    if path == EMBEDDING and len(src.shape) == 2 and src.shape[1] == shape[1]:
+  shapes, other = {}, []
+  for path, src in found.items():
+    shape = expected.get(path)
+    fits = src.shape == shape
+    if path.endswith("/mlp/gating_einsum") and shape is not None:
+      fits = fits or _gating_transposed(src.shape, shape, config)
+    if path == EMBEDDING and shape is not None and len(src.shape) == 2 and src.shape[1] == shape[1]:
       try:
         vocab_plan(src.shape[0], config)
-        continue
+        fits = True
       except ValueError as e:
-        misshaped.append(f"{path}: checkpoint {src.shape}, model {shape}: {e}")
-        continue
-    misshaped.append(f"{path}: checkpoint {src.shape}, model {shape}")
-  err = CheckpointError(what, missing, unexpected, misshaped)
-  if err.has_problems:
-    raise err
+        other.append(f"{path}: {e}")
+    shapes[path] = shape if fits else src.shape
+  check_tree(shapes, expected, what, ignore=_is_multimodal, other=other)
   return {p: found[p] for p in expected}
 
 
@@ -227,7 +221,7 @@ def load(path: str | Path, config, mesh: Mesh | None = None,
       if p in transposed:
         a = jnp.swapaxes(a, 1, 2)
       if p == EMBEDDING:
-        a = _fit_vocab(a, *vocab, seed)
+        a = fit_vocab(a, *vocab, seed)
       flat_loop[p] = a.astype(dtype)
     flat = layout.to_scan(flat_loop, config.depth, jnp.stack) if config.scan_layers else flat_loop
     return layout.unflatten(flat)
@@ -235,7 +229,8 @@ def load(path: str | Path, config, mesh: Mesh | None = None,
   return jax.jit(relayout, out_shardings=target)(restored)
 
 
-def _fit_vocab(table, keep: int, new: int, seed: int):
+def fit_vocab(table, keep: int, new: int, seed: int):
+  """The first `keep` rows of an embedding table, then `new` rows ~ N(0, NEW_ROW_STDDEV²)."""
   table = table[:keep]
   if new:
     rows = NEW_ROW_STDDEV * jax.random.normal(jax.random.key(seed), (new, table.shape[1]))

@@ -1,0 +1,52 @@
+"""Every `python -m dualtoken_jax.bench` subcommand runs on tiny shapes and prints its figures.
+
+Run in-process through `bench.__main__.main` (the simulated devices come from conftest), one
+iteration each, with the Gemma-2B-shaped compile-only parts skipped and one variant per
+subcommand where it times several (train_step/memory without LPIPS + GAN, generate with CFG).
+"""
+
+import re
+
+import pytest
+
+from dualtoken_jax.bench import __main__ as bench
+
+NUMBER = r"\d+\.\d+"
+TINY = "demo_cpu:test"  # 32 px, 4x4 grid, no decoder res blocks: compiles in seconds
+
+CASES = {
+    "quantizer": (["--codebook_size=64", "--dim=8", "--depth=2", "--batch=2", "--tokens=16",
+                   "--chunk=32", "--iters=1"],
+                  [rf"RVQ (eval|per_level|pooled) K=64 d=8 D=2 N=32 +{NUMBER}"]),
+    "encode": ([f"--configs={TINY}", "--batch=2", "--iters=1"],
+               [rf"encode {TINY} 32px B=2 +{NUMBER}", rf"decode {TINY} 32px B=2 +{NUMBER}"]),
+    "train_step": ([f"--config={TINY}", "--batch=8", "--iters=1", "--lpips_gan=off",
+                    "--no_flop_count"],
+                   [rf"train {TINY} B=8 no LPIPS/GAN +{NUMBER}"]),
+    "memory": ([f"--config={TINY}", "--batch_per_device=1", "--fsdp=2", "--no_lpips_gan"],
+               [rf"peak per device ~ {NUMBER} GiB", rf"optimiser state {NUMBER} GiB"]),
+    "evaluate": ([f"--configs={TINY}", "--batch=8", "--iters=1"],
+                 [rf"total {TINY} 32px B=8 +{NUMBER}", rf"{TINY}: {NUMBER} images/s"]),
+    "decode": (["--skip_2b", "--prompt=4", "--new=4", "--iters=1"],
+               ["identical tokens: True", rf"KV cache +{NUMBER} ms/call", "speed-up of the cache"]),
+    "generate": (["--skip_2b", "--images=1", "--iters=1", "--cfg=on"],
+                 [r"CFG \(batch 2B\) +\d+ image positions/s", rf"{NUMBER} s/image"]),
+}
+
+
+def test_every_subcommand_is_covered():
+  assert set(CASES) == set(bench.BENCHMARKS)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_subcommand_prints_its_figures(name, capsys):
+  argv, patterns = CASES[name]
+  assert bench.main([name, *argv]) == 0
+  out = capsys.readouterr().out
+  for pattern in patterns:
+    assert re.search(pattern, out), f"{pattern!r} not in:\n{out}"
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys):
+  assert bench.main(["nope"]) == 2
+  assert "usage: python -m dualtoken_jax.bench" in capsys.readouterr().out
