@@ -15,4 +15,6 @@ def get_config(arg=None):
       vq_sem=mc.quantizer_config(depth=4, ema_update="pooled"),
       decoder=mc.decoder_config(ch=64, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(14,), in_channels=512),
       text=None)
-  return recipe.training_config(model, stage=1, batch_size=8, total_steps=1000, steps_per_epoch=100)
+  c = recipe.training_config(model, stage=1, batch_size=8, total_steps=1000, steps_per_epoch=100)
+  c.optimizer.warmup_steps = 100  # the recipe's 10k would outlast this 1000-step run
+  return c

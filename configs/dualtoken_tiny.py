@@ -20,4 +20,6 @@ def get_config(arg=None):
       vq_sem=mc.quantizer_config(codebook_size=512, embed_dim=8, depth=4, ema_update="pooled"),
       decoder=mc.decoder_config(ch=32, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(8,), in_channels=64),
       text=mc.text_config(width=64, depth=2, mlp_dim=128, num_heads=4, vocab_size=1000, max_len=16))
-  return recipe.training_config(model, stage=1, batch_size=8, total_steps=1000, steps_per_epoch=100)
+  c = recipe.training_config(model, stage=1, batch_size=8, total_steps=1000, steps_per_epoch=100)
+  c.optimizer.warmup_steps = 100  # the recipe's 10k would outlast this 1000-step run
+  return c

@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--top_k", type=int, default=None)
   p.add_argument("--top_p", type=float, default=None)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--spm_model", help="SentencePiece model (default: the run's own copy)")
+  p.add_argument("--tokenizer", "--spm_model", dest="spm_model",
+                 help="text tokenizer: a SentencePiece .model or a HF tokenizer.json (default: "
+                      "the run's own copy)")
   args = p.parse_args(argv)
   try:
     model = UnifiedModel.from_checkpoint(args.checkpoint, spm_model=args.spm_model)

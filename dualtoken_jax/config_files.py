@@ -7,11 +7,19 @@ spec "path/to/file.py:arg" passes `arg` to it, as `config_flags.DEFINE_config_fi
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
+from typing import Any, Mapping
 
 import ml_collections
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+  """A config that cannot describe a working model or run; the message names the field. The one
+  config error of the project: the tokenizer, decoder, MLLM and training configs all raise it
+  (`models.config`, `llm.config` and `mllm.config` re-export it as `ConfigError`)."""
 
 
 def load(spec: str) -> ml_collections.ConfigDict:
@@ -58,6 +66,60 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = type(default)(value)
   return out
+
+
+def check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def check_positive_ints(config, *paths: str) -> None:
+  """Each dotted field must be an integer >= 1 (steps, sizes, cadences)."""
+  for path in paths:
+    value = get_path(config, path)
+    check(isinstance(value, int) and value >= 1, f"{path} must be an integer >= 1, got {value!r}")
+
+
+def check_optimizer(config, name: str) -> None:
+  """`config[name]` (an AdamW + warm-up section): lr finite and > 0, warmup_steps in
+  [0, total_steps], b1 and b2 in [0, 1), eps > 0 and weight_decay, grad_clip_norm >= 0 where
+  present."""
+  o = config[name]
+  check(isinstance(o.lr, (int, float)) and math.isfinite(o.lr) and o.lr > 0,
+        f"{name}.lr must be finite and > 0, got {o.lr}")
+  check(0 <= o.warmup_steps <= config.total_steps,
+        f"{name}.warmup_steps {o.warmup_steps} must be in [0, total_steps={config.total_steps}]")
+  check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"{name}.b1 and {name}.b2 must be in [0, 1), got "
+                                           f"{o.b1}, {o.b2}")
+  if "eps" in o:
+    check(o.eps > 0, f"{name}.eps must be > 0, got {o.eps}")
+  for field in ("weight_decay", "grad_clip_norm"):
+    if field in o:
+      check(o[field] >= 0, f"{name}.{field} must be >= 0 (grad_clip_norm 0 = off), got {o[field]}")
+
+
+def get_path(config, path: str):
+  """`config.a.b` for path "a.b"."""
+  for part in path.split("."):
+    config = config[part]
+  return config
+
+
+def rederive(config, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """Re-derives fields after what they derive from changed (a recipe's `stage`): each dotted
+  path of `new` whose value in `config` is still its `old` derived value is set to the new one;
+  a field holding anything else was set on purpose and is kept. Returns the paths changed."""
+  def same(a, b):
+    seq = (list, tuple)
+    return list(a) == list(b) if isinstance(a, seq) and isinstance(b, seq) else a == b
+  changed = []
+  for path, value in new.items():
+    if same(get_path(config, path), old[path]) and not same(value, old[path]):
+      *parents, last = path.split(".")
+      holder = get_path(config, ".".join(parents)) if parents else config
+      holder[last] = value
+      changed.append(path)
+  return changed
 
 
 def merge_saved(defaults: ml_collections.ConfigDict, saved) -> ml_collections.ConfigDict:

@@ -21,9 +21,12 @@ labels come from class subfolders, the records' `label` feature, or --labels FIL
 names default to the 1000 ImageNet classes (--class_names FILE: one per label id).
 
 The run is resumable: rerunning the same command continues from the last checkpoint under
---workdir (every --checkpoint_every batches). Report: WORKDIR/metrics.json, per_image.csv,
-reconstructions.png, codebook_{pixel,semantic}.png. Unreadable images are counted, listed in
-metrics.json and skipped.
+--workdir (every --checkpoint_every batches). What was evaluated (the checkpoint's resolved
+step directory, a digest of the weights, the data, the settings) is recorded in metrics.json
+("settings"); a rerun whose weights or settings differ (e.g. a training workdir that gained a
+newer step) is refused with exit status 2 instead of mixing the two: use a new --workdir.
+Report: WORKDIR/metrics.json, per_image.csv, reconstructions.png, codebook_{pixel,semantic}.png.
+Unreadable images are counted, listed in metrics.json and skipped.
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from dualtoken_jax import config_files
 from dualtoken_jax.cli import tokenizer_flags as tokenizer_source
 from dualtoken_jax.evaluation import runner
+from dualtoken_jax.evaluation import state
+from dualtoken_jax.training import checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +100,10 @@ def options_from_args(args: argparse.Namespace) -> runner.EvalOptions:
 
 def load_tokenizer(args: argparse.Namespace):
   """The tokenizer, and an id naming its weights for the resume fingerprint."""
+  if args.checkpoint and not (Path(args.checkpoint) / "config.json").is_file():
+    # A training run: name (and load) the step it resolves to now, not the workdir.
+    args = argparse.Namespace(**{**vars(args),
+                                 "checkpoint": str(checkpoints.latest_step_dir(args.checkpoint))})
   if args.config and (args.checkpoint or args.reference):
     experiment = config_files.load(args.config)
     tok = tokenizer_source.load(argparse.Namespace(**{**vars(args), "config": None}))
@@ -140,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     parser.error(str(e))
   tok, source = load_tokenizer(args)
-  results = runner.evaluate(tok, args.data, args.workdir, options, tokenizer_id=source)
+  try:
+    results = runner.evaluate(tok, args.data, args.workdir, options, tokenizer_id=source)
+  except state.FingerprintMismatch as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(summary_lines(results))
   print(f"report written to {args.workdir}")
   return 0

@@ -8,7 +8,8 @@
 directory, or one step directory. Defaults follow VILA-U / the paper: classifier-free guidance
 3 (`--cfg_scale 0` turns the unconditional half off), temperature 1, top-k 900, top-p 0.96.
 The same `--seed` gives the same images. Writes `OUT` (n = 1) or `OUT_STEM_{i}.png`, and
-`OUT_STEM_codes.npz` with the pixel and semantic codes (n, g, g, D).
+`OUT_STEM_codes.npz` with the pixel and semantic codes (n, g, g, D). An `--out` that cannot be
+written fails before the model is loaded (exit status 2).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dualtoken_jax.cli import outputs
 from dualtoken_jax.mllm.inference import UnifiedModel
 from dualtoken_jax.data.images import to_uint8
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 def image_paths(out: Path, n: int) -> list[Path]:
@@ -42,8 +47,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--top_k", type=int, default=900, help="0 = off")
   p.add_argument("--top_p", type=float, default=0.96, help="1 = off")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--spm_model", help="SentencePiece model (default: the run's own copy)")
+  p.add_argument("--tokenizer", "--spm_model", dest="spm_model",
+                 help="text tokenizer: a SentencePiece .model or a HF tokenizer.json (default: "
+                      "the run's own copy)")
   args = p.parse_args(argv)
+  if args.n < 1:
+    p.error(f"--n must be at least 1, got {args.n}")
+  named = args.n == 1 or Path(args.out).suffix  # else OUT_STEM_{i}.png
+  outputs.check(p, "--out", args.out, suffixes=IMAGE_SUFFIXES if named else ())
   try:
     model = UnifiedModel.from_checkpoint(args.checkpoint, spm_model=args.spm_model)
     out = model.generate_images(

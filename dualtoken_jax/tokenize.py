@@ -6,7 +6,12 @@
 
 Inputs are image files, folders (recursive) or `sample` (photos bundled with installed
 packages). Images get the eval geometry (shorter side -> image_size, centre crop). Files that
-cannot be read are reported and skipped; the exit status is 1 if any were skipped.
+cannot be read (corrupt, empty, not a regular file, over --max_image_bytes) are reported and
+skipped; the exit status is 1 if any were skipped. An unwritable output fails at once (status 2).
+
+ArrayRecord shards are written under temporary names and listed in DIR/manifest.json when
+complete, so a re-run into the same --output_dir resumes: inputs already in complete shards are
+skipped (the new shards may have another --shard_size). --overwrite clears DIR's shards first.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import sys
 import numpy as np
 import tqdm
 
-from dualtoken_jax.data import code_shards
-from dualtoken_jax.data import image_inputs
+from dualtoken_jax.cli import outputs
 from dualtoken_jax.cli import tokenizer_flags as tokenizer_source
+from dualtoken_jax.data import code_shards
+from dualtoken_jax.data import decode
+from dualtoken_jax.data import image_inputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,34 +38,61 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--output_dir", help="write ArrayRecord shards here (with --format array_record)")
   p.add_argument("--format", choices=("npz", "array_record"), default="npz")
   p.add_argument("--shard_size", type=int, default=10000)
+  p.add_argument("--overwrite", action="store_true",
+                 help="array_record: remove the shards already in --output_dir instead of resuming")
   p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--max_image_bytes", type=int, default=decode.DEFAULT_MAX_BYTES,
+                 help="larger image files are skipped unread")
   args = p.parse_args(argv)
   if (args.format == "npz") != bool(args.output) or (args.format == "array_record") != bool(args.output_dir):
     p.error("use --output FILE.npz (format npz) or --output_dir DIR with --format array_record")
+  if args.shard_size <= 0 or args.batch_size <= 0:
+    p.error("--shard_size and --batch_size must be positive")
+  if args.output:
+    outputs.check(p, "--output", args.output, suffixes=(".npz",))
+  else:
+    outputs.check(p, "--output_dir", args.output_dir, directory=True)
 
   items = image_inputs.collect(args.inputs)
+  writer = None
+  if args.output_dir:
+    try:
+      writer = code_shards.ShardWriter(args.output_dir, args.shard_size, overwrite=args.overwrite)
+    except code_shards.ShardDirectoryError as e:
+      p.error(str(e))
+    done = sum(key in writer.done_keys for key, _ in items)
+    if done:
+      print(f"resuming: {done} of {len(items)} input(s) are already in the complete shards of "
+            f"{args.output_dir}")
+      items = [(key, path) for key, path in items if key not in writer.done_keys]
   tok = tokenizer_source.load(args)
   keys, pixel, semantic, skipped = [], [], [], []
-  writer = code_shards.ShardWriter(args.output_dir, args.shard_size) if args.output_dir else None
   with tqdm.tqdm(total=len(items), unit="img", desc="tokenize") as bar:
-    for batch in image_inputs.batches(items, tok.config.image_size, args.batch_size):
-      for key, reason in batch.skipped:
-        tqdm.tqdm.write(f"skipped {key}: {reason}", file=sys.stderr)
-      skipped += batch.skipped
-      if batch.keys:
-        codes = tok.encode(batch.images)
-        pix, sem = np.asarray(codes.pixel), np.asarray(codes.semantic)
-        if writer:
-          for k, a, b in zip(batch.keys, pix, sem):
-            writer.write(k, a, b)
-        else:
-          keys += batch.keys
-          pixel.append(pix)
-          semantic.append(sem)
-      bar.update(len(batch.keys) + len(batch.skipped))
+    try:
+      for batch in image_inputs.batches(items, tok.config.image_size, args.batch_size,
+                                        max_bytes=args.max_image_bytes):
+        for key, reason in batch.skipped:
+          tqdm.tqdm.write(f"skipped {key}: {reason}", file=sys.stderr)
+        skipped += batch.skipped
+        if batch.keys:
+          codes = tok.encode(batch.images)
+          pix, sem = np.asarray(codes.pixel), np.asarray(codes.semantic)
+          if writer:
+            for k, a, b in zip(batch.keys, pix, sem):
+              writer.write(k, a, b)
+          else:
+            keys += batch.keys
+            pixel.append(pix)
+            semantic.append(sem)
+        bar.update(len(batch.keys) + len(batch.skipped))
+    except BaseException:
+      if writer:  # the complete shards stay listed in the manifest: a re-run resumes after them
+        writer.abort()
+      raise
   if writer:
     writer.close()
-    print(f"wrote {len(items) - len(skipped)} codes to {len(writer.paths)} shard(s) in {args.output_dir}")
+    print(f"wrote {len(items) - len(skipped)} codes to {len(writer.paths)} new shard(s) in "
+          f"{args.output_dir}")
   elif keys:
     code_shards.write_npz(args.output, keys, np.concatenate(pixel), np.concatenate(semantic))
     print(f"wrote {len(keys)} codes to {args.output}")

@@ -161,8 +161,8 @@ class DualTokenizer:
       return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
     if not jnp.issubdtype(images.dtype, jnp.floating):
       raise TypeError(f"images must be float in [-1, 1] or uint8 in [0, 255]; got dtype {images.dtype}")
-    lo, hi = float(jnp.min(images)), float(jnp.max(images))
-    if not (np.isfinite(lo) and np.isfinite(hi)):
+    finite, lo, hi = (float(v) for v in jax.device_get(_value_range(images)))
+    if not finite:  # min/max alone would not do: on CPU they skip NaNs
       raise ValueError("images contain NaN or infinite values")
     if lo < -1.01 or hi > 1.01:
       raise ValueError(f"float images must lie in [-1, 1] (SigLIP normalisation x/127.5 - 1); got "
@@ -191,6 +191,12 @@ class DualTokenizer:
       raise ValueError(f"{name} codes must have shape (batch, {g}, {g}, {q.depth}); "
                        f"got {getattr(codes, 'shape', type(codes).__name__)}")
     return _ids_below(codes, q.codebook_size, f"{name} codes")
+
+
+@jax.jit
+def _value_range(x) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(all values finite, min, max) of `x`, in one pass on the device."""
+  return jnp.all(jnp.isfinite(x)), jnp.min(x), jnp.max(x)
 
 
 def _ids_below(ids, size: int, what: str) -> jax.Array:

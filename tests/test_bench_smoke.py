@@ -1,8 +1,9 @@
 """Every `python -m dualtoken_jax.bench` subcommand runs on tiny shapes and prints its figures.
 
 Run in-process through `bench.__main__.main` (the simulated devices come from conftest), one
-iteration each, with the Gemma-2B-shaped compile-only parts skipped and one variant per
-subcommand where it times several (train_step/memory without LPIPS + GAN, generate with CFG).
+iteration and no warm-up each, on one device where the bench takes `--devices`, with the
+Gemma-2B-shaped compile-only parts skipped and one variant per subcommand where it times several
+(train_step/memory without LPIPS + GAN, generate with CFG on the 32 px demo MLLM).
 """
 
 import re
@@ -16,20 +17,21 @@ TINY = "demo_cpu:test"  # 32 px, 4x4 grid, no decoder res blocks: compiles in se
 
 CASES = {
     "quantizer": (["--codebook_size=64", "--dim=8", "--depth=2", "--batch=2", "--tokens=16",
-                   "--chunk=32", "--iters=1"],
+                   "--chunk=32", "--iters=1", "--warmup=0"],
                   [rf"RVQ (eval|per_level|pooled) K=64 d=8 D=2 N=32 +{NUMBER}"]),
-    "encode": ([f"--configs={TINY}", "--batch=2", "--iters=1"],
+    "encode": ([f"--configs={TINY}", "--batch=2", "--iters=1", "--warmup=0", "--no_flop_count"],
                [rf"encode {TINY} 32px B=2 +{NUMBER}", rf"decode {TINY} 32px B=2 +{NUMBER}"]),
-    "train_step": ([f"--config={TINY}", "--batch=8", "--iters=1", "--lpips_gan=off",
-                    "--no_flop_count"],
-                   [rf"train {TINY} B=8 no LPIPS/GAN +{NUMBER}"]),
+    "train_step": ([f"--config={TINY}", "--devices=1", "--batch=2", "--iters=1", "--warmup=0",
+                    "--lpips_gan=off", "--no_flop_count"],
+                   [rf"train {TINY} B=2 no LPIPS/GAN +{NUMBER}"]),
     "memory": ([f"--config={TINY}", "--batch_per_device=1", "--fsdp=2", "--no_lpips_gan"],
                [rf"peak per device ~ {NUMBER} GiB", rf"optimiser state {NUMBER} GiB"]),
-    "evaluate": ([f"--configs={TINY}", "--batch=8", "--iters=1"],
-                 [rf"total {TINY} 32px B=8 +{NUMBER}", rf"{TINY}: {NUMBER} images/s"]),
-    "decode": (["--skip_2b", "--prompt=4", "--new=4", "--iters=1"],
+    "evaluate": ([f"--configs={TINY}", "--devices=1", "--batch=1", "--iters=1", "--warmup=0"],
+                 [rf"total {TINY} 32px B=1 +{NUMBER}", rf"{TINY}: {NUMBER} images/s"]),
+    "decode": (["--skip_2b", "--prompt=4", "--new=4", "--iters=1", "--warmup=0"],
                ["identical tokens: True", rf"KV cache +{NUMBER} ms/call", "speed-up of the cache"]),
-    "generate": (["--skip_2b", "--images=1", "--iters=1", "--cfg=on"],
+    "generate": (["--config=demo_mllm_cpu:test", "--skip_2b", "--images=1", "--iters=1",
+                  "--warmup=0", "--cfg=on"],
                  [r"CFG \(batch 2B\) +\d+ image positions/s", rf"{NUMBER} s/image"]),
 }
 

@@ -182,7 +182,7 @@ def test_bad_files_are_skipped_and_counted_in_training(tmp_path):
   ids = [i for b in batches for i in _ids(b["image"])]
   assert set(ids) <= set(range(7))
   per_epoch = {"missing": 1, "read_error": 0, "empty": 1, "decode_error": 2, "too_large": 0,
-               "bad_member": 0}
+               "bad_member": 0, "not_a_file": 0}
   assert it.skipped_total == {r: 2 * c for r, c in per_epoch.items()}
   # Every skip reached the consumer exactly once: in a batch, or in the dropped remainder.
   reported = NO_SKIPS

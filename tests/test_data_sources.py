@@ -4,7 +4,10 @@ sources, the tf.Example codec, and the bundled sample photos."""
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
+import textwrap
 
 import numpy as np
 import pytest
@@ -210,6 +213,51 @@ def test_webdataset_shard_deleted_after_indexing_and_bad_inputs(tmp_path):
     webdataset.WebDatasetSource(only_text)
   with pytest.raises(ValueError, match="no webdataset .tar shards matched"):
     webdataset.WebDatasetSource(str(tmp_path / "none-*.tar"))
+
+
+SPECIAL_SHARDS_CHECK = textwrap.dedent("""
+    import json, sys
+    from dualtoken_jax.data import sources, webdataset
+    d = sys.argv[1]
+    errors = {}
+    for name, make in [
+        ("glob", lambda: webdataset.WebDatasetSource(d + "/s-*.tar")),
+        ("braces", lambda: webdataset.WebDatasetSource(d + "/s-{0..1}.tar")),
+        ("named", lambda: webdataset.WebDatasetSource(d + "/s-1.tar")),
+        ("dir", lambda: webdataset.WebDatasetSource(d + "/su*")),
+        ("array_record", lambda: sources.ArrayRecordSource(d + "/s-*.tar"))]:
+      try:
+        make()
+        errors[name] = None
+      except ValueError as e:
+        errors[name] = str(e)
+    print(json.dumps(errors))
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_or_directory_matched_as_a_shard_is_refused_not_opened(tmp_path):
+  _write_shard(tmp_path / "s-0.tar", [("a", {"png": _png(5)})])
+  os.mkfifo(tmp_path / "s-1.tar")  # opening it to read would block until a writer comes
+  (tmp_path / "sub").mkdir()
+  # In a subprocess with a timeout: a regression fails, it cannot hang.
+  try:
+    run = subprocess.run([sys.executable, "-c", SPECIAL_SHARDS_CHECK, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  finally:
+    try:  # a reader stuck in open() (a regression) gets a writer and goes
+      os.close(os.open(tmp_path / "s-1.tar", os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+      pass
+  assert run.returncode == 0, run.stderr[-3000:]
+  got = json.loads(run.stdout.strip().splitlines()[-1])
+  fifo = str(tmp_path / "s-1.tar")
+  for name in ("glob", "braces", "named", "array_record"):
+    assert got[name] and f"{fifo} is a FIFO, not a regular file" in got[name], name
+  assert "webdataset .tar shards: " in got["glob"] and "matched by" in got["glob"]
+  assert "ArrayRecord files: " in got["array_record"]
+  assert f"{tmp_path / 'sub'} is a directory, not a regular file" in got["dir"]
 
 
 def test_brace_expansion():

@@ -15,6 +15,7 @@ import csv
 import functools
 import io
 import json
+import math
 import os
 import re
 
@@ -319,11 +320,18 @@ def test_retrieval_matches_numpy(assets, tok, main_run, direct):
   gallery = sorted({r for r, _ in kept})
   owner = np.array([gallery.index(r) for r, _ in kept])
   txt = text_embeddings(assets, tok, [c for _, c in kept])
+  # Exact ties are part of the check: the tiny vocabulary has no digits, so "… number 0" and
+  # "… number 1" are the same tokens, and each "again" caption is written for both copies of a
+  # photo: 20 distinct captions, each owned by two images. Only strictly greater scores
+  # outrank, so the scores are computed exactly (`txt @ emb.T` would score equal rows at
+  # different positions 1 ulp apart and break those ties by row order).
+  assert len(np.unique(txt, axis=0)) == 20
   r = results["retrieval"]
   assert (r["num_images"], r["num_captions"]) == (20, 40)
   assert (r["images_without_captions"], r["captions_without_image"]) == (10, 2)
   for path, emb in (("quantized", direct["emb_q"]), ("teacher", direct["emb_t"])):
-    sim = txt @ emb[gallery].T
+    sim = np.array([[math.fsum(t * e) for e in np.float64(emb[gallery])]
+                    for t in np.float64(txt)])
     t2i = np.array([np.sum(sim[c] > sim[c, owner[c]]) for c in range(len(owner))])
     i2t = np.array([np.sum(sim[:, i] > sim[owner == i, i].max()) for i in range(len(gallery))])
     for k in (1, 5, 10):
@@ -466,3 +474,54 @@ def test_cli_with_config_and_checkpoint(assets, tok, fid_calls, tmp_path, capsys
   assert metrics["settings"]["tokenizer"] == str(tmp_path / "tok")
   assert metrics["settings"]["max_images"] == 8 and metrics["settings"]["metrics"] == ["zeroshot"]
   assert metrics["settings"]["inception_weights"] == o.inception_weights
+
+
+# ---------------------------------------------------------------- what was evaluated
+def write_training_step(workdir, step, tokenizer):
+  """A `train` workdir's checkpoint step as `load_training_run` reads it: the tokenizer's
+  params and EMA codebooks under state/, the run's config under meta/."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "meta"),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  host = layout.to_host(tokenizer.variables)
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"params": host["params"], "vq_stats": host["vq_stats"]}),
+      meta=ocp.args.JsonSave({"step": step, "config": {"model": tokenizer.config.to_dict()}})))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def test_a_training_run_that_gained_a_step_is_not_mixed_with_the_old_results(
+    assets, tok, fid_calls, tmp_path, capsys):
+  del fid_calls
+  from dualtoken_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  write_training_step(run, 1, tok)
+  cli = lambda work: evaluate_cli.main([
+      "--checkpoint", str(run), "--data", f"folder:{assets / 'images'}", "--workdir", str(work),
+      "--metrics", "psnr,usage", "--batch_size", "8", "--max_images", "8", "--num_threads", "0",
+      "--no_progress", "--no_plots"])
+  assert cli(tmp_path / "work") == 0
+  first = json.loads((tmp_path / "work" / "metrics.json").read_text())
+  assert first["settings"]["tokenizer"] == str(run / "checkpoints" / "1")
+  assert first["settings"]["weights"] == runner.weights_digest(tok.variables)
+
+  newer = random_tokenizer(seed=7)
+  write_training_step(run, 2, newer)
+  capsys.readouterr()
+  assert cli(tmp_path / "work") == 2  # not the old step's state, rewritten as a new report
+  err = capsys.readouterr().err
+  assert "weights" in err and str(run / "checkpoints" / "2") in err and "new --workdir" in err
+  assert json.loads((tmp_path / "work" / "metrics.json").read_text()) == first
+  assert cli(tmp_path / "work2") == 0
+  second = json.loads((tmp_path / "work2" / "metrics.json").read_text())
+  assert second["settings"]["tokenizer"] == str(run / "checkpoints" / "2")
+  assert second["settings"]["weights"] == runner.weights_digest(newer.variables)
+  assert second["settings"]["weights"] != first["settings"]["weights"]
+  assert second["psnr"] != first["psnr"]
+
+  # The library call: the same tokenizer_id with other weights is refused too.
+  opts = main_options(assets, metrics=("psnr",), max_images=8)
+  evaluate(tok, str(assets / "images"), str(tmp_path / "lib"), opts, tokenizer_id="same/path")
+  with pytest.raises(state.FingerprintMismatch, match="weights"):
+    evaluate(newer, str(assets / "images"), str(tmp_path / "lib"), opts, tokenizer_id="same/path")

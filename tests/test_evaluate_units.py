@@ -1,6 +1,7 @@
 """Evaluation maths and parsing, against independent numpy computations and hand-made cases."""
 
 import io
+import math
 import os
 
 import numpy as np
@@ -54,12 +55,20 @@ def test_class_list_checks_name_the_mismatch():
 
 
 # ---------------------------------------------------------------- retrieval
+def _exact_scores(img, txt):
+  """txt · img exactly rounded (float32 products are exact in float64, `math.fsum` rounds the
+  sum once): equal embeddings get equal scores wherever they sit, unlike a BLAS `txt @ img.T`,
+  which gives rows at different positions different blockings."""
+  img, txt = np.asarray(img, np.float64), np.asarray(txt, np.float64)
+  return np.array([[math.fsum(t * i) for i in img] for t in txt])
+
+
 def _brute_force_recall(img, txt, owner, ks):
-  """Independent reference: sort every query's scores (stable, ties towards the positive)."""
-  sim = txt @ img.T
+  """Independent reference: sort every query's scores (ties towards the positive)."""
+  sim = _exact_scores(img, txt)
   t2i, i2t = [], []
   for c in range(len(txt)):
-    order = np.argsort(-sim[c], kind="stable")
+    order = np.lexsort((np.arange(len(img)) != owner[c], -sim[c]))  # ties: positive first
     t2i.append(int(np.sum(sim[c] > sim[c, owner[c]])))
     assert owner[c] in order[:t2i[-1] + 1]
   for i in range(len(img)):
@@ -94,6 +103,27 @@ def test_recall_matches_brute_force_with_chunks():
   for k in got:
     assert got[k] == pytest.approx(want[k]), k
   assert 0 < got["t2i_r1"] < 100  # neither trivial nor hopeless
+
+
+def test_recall_exact_ties_from_duplicate_captions_and_images():
+  """Captions repeated across images and duplicate images tie exactly: the strictly-better
+  rule, whatever the order of the rows or the chunking. Duplicates sit far apart (rows i and
+  i + 20), where a plain float32 `txt @ img.T` scores equal rows 1 ulp apart."""
+  rng = np.random.default_rng(3)
+  base = text.l2_normalize(rng.normal(size=(10, 64)))
+  img = np.concatenate([base, base[:3], text.l2_normalize(rng.normal(size=(7, 64)))])  # 20
+  x = text.l2_normalize(img[:20] + rng.normal(scale=0.8, size=(20, 64)))
+  txt = np.concatenate([x, x[np.r_[10:20, 0:10]]])         # caption c+20 = caption of image c±10
+  owner = np.arange(40) % 20
+  want = _brute_force_recall(img, txt, owner, (1, 5, 10))
+  assert 0 < want["i2t_r1"] < 100 and 0 < want["t2i_r1"] < 100
+  for seed, chunk in ((None, 4096), (None, 7), (0, 4096), (1, 3)):
+    perm = np.arange(40) if seed is None else np.random.default_rng(seed).permutation(40)
+    got = retrieval.recall_at_k(img, txt[perm], owner[perm], ks=(1, 5, 10), chunk=chunk)
+    assert got == pytest.approx(want), (seed, chunk)
+  # Known answer: every image's captions are those of the others with all-equal embeddings.
+  r = retrieval.recall_at_k(np.ones((3, 4)) / 2, np.ones((6, 4)) / 2, np.arange(6) % 3)
+  assert all(v == 100.0 for v in r.values())
 
 
 def test_recall_rejects_images_without_captions():

@@ -158,7 +158,7 @@ def test_config_from_hf_variants_and_errors():
   assert rope == (5e5, 2e4, 4.0)
   for bad, message in [(dict(base, hidden_activation="silu"), "hidden_activation"),
                        (dict(base, tie_word_embeddings=False), "tie_word_embeddings"),
-                       (dict(base, model_type="llama"), "not a Gemma"),
+                       (dict(base, model_type="mistral"), "not a supported decoder"),
                        (dict(base, rope_scaling={"rope_type": "yarn", "factor": 2.0}), "yarn"),
                        ({k: v for k, v in base.items() if k != "hidden_size"}, "hidden_size")]:
     with pytest.raises(C.ConfigError, match=message):

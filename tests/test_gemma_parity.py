@@ -169,7 +169,7 @@ def test_released_configs_validate_and_bad_ones_fail():
     C.get_config("tiny", sliding_window=None)
   with pytest.raises(C.ConfigError, match="remat_policy"):
     C.get_config("tiny", remat_policy="sometimes")
-  with pytest.raises(C.ConfigError, match="unknown Gemma variant"):
+  with pytest.raises(C.ConfigError, match="unknown decoder variant"):
     C.get_config("gemma4_1b")
   with pytest.raises(C.ConfigError, match="unknown config field"):
     C.get_config("tiny", windw=3)

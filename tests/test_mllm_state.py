@@ -131,7 +131,8 @@ def test_next_stage_starts_from_the_previous_stages_params(tmp_path):
   state = state.replace(params=jax.tree.map(lambda x: x + 1, state.params))
   ckpt = checkpoints.Checkpointer(tmp_path / "align" / "checkpoints", every_steps=1, keep=1,
                                   async_save=False)
-  ckpt.save(7, state, iter(grain.MapDataset.range(3).to_iter_dataset()), {"step": 7}, force=True)
+  ckpt.save(7, state, iter(grain.MapDataset.range(3).to_iter_dataset()),
+            {"step": 7, "config": config.to_dict()}, force=True)  # as train_mllm writes it
   ckpt.close()
   sft = config_files.load("mllm_tiny:stage=sft")
   sft.init.mllm = str(tmp_path / "align")

@@ -22,8 +22,8 @@ from dualtoken_jax.training.state import state_layout
 BATCH = 8
 
 
-def tiny_config(stage="sft"):
-  config = config_files.load(f"mllm_tiny:stage={stage}")
+def tiny_config(stage="sft", llm="tiny"):
+  config = config_files.load(f"mllm_tiny:stage={stage},llm={llm}")
   config.init.tokenizer = T.tokenizer_dir()
   config.data.captions = "(in-memory test batch)"  # the step computes the heads' code loss
   # Adam's first update is ~lr·sign(g): where a gradient entry is ~0, reduction order can flip
@@ -91,10 +91,13 @@ def single(batch):
   return run_steps(tiny_config(), batch, (1, 1, 1))
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
-def test_sharded_step_equals_single_device(single, batch, mesh_shape):
-  _, ref, ref_metrics, _ = single
-  _, new, metrics, shardings = run_steps(tiny_config(), batch, mesh_shape)
+@pytest.mark.parametrize("llm, mesh_shape", [("tiny", (1, 8, 1)), ("tiny", (2, 2, 2)),
+                                             ("tiny_qwen2", (2, 2, 2))])
+def test_sharded_step_equals_single_device(single, batch, llm, mesh_shape):
+  # tiny_qwen2: a Qwen-style decoder (q/k/v biases, RMSNorm w, SwiGLU, no embedding scaling).
+  _, ref, ref_metrics, _ = single if llm == "tiny" else run_steps(tiny_config(llm=llm), batch,
+                                                                  (1, 1, 1))
+  _, new, metrics, shardings = run_steps(tiny_config(llm=llm), batch, mesh_shape)
   specs = " ".join(str(s.spec) for s in jax.tree.leaves(shardings.params))
   assert "fsdp" in specs and (mesh_shape[2] == 1 or "tensor" in specs)  # really sharded
   assert metrics["finite"] == 1.0 and ref_metrics["answer_tokens"] > 0

@@ -11,6 +11,8 @@ compiled per-device memory of a Gemma-2B-shaped MLLM SFT step on a simulated mes
 3. Gemma-2B-shaped MLLM SFT step (configs/mllm_sft.py:llm=gemma_2b: SigLIP-L/16-256 DualToken
    tokenizer run frozen in the step, 256 image positions, bf16 compute, fp32 weights, scanned
    and rematerialised layers) under fsdp=`--fsdp`, compile only: per-device memory.
+   `--sft_llm` picks another decoder variant (the paper's `qwen2.5_3b`, `qwen2.5_7b`, ...),
+   `--sft_stage=generation` the generation-head stage, `--sft_only` skips parts 1 and 2.
 
 Run as its own process (the simulated devices are requested before jax starts).
 """
@@ -62,7 +64,7 @@ def cached_generate(model, params, prompt, new):
                            max_new_tokens=new, eos_ids=jnp.zeros((0,), jnp.int32))
 
 
-def tiny_rows(batch: int, prompt_len: int, new: int, iters: int) -> list[str]:
+def tiny_rows(batch: int, prompt_len: int, new: int, iters: int, warmup: int = 2) -> list[str]:
   config = config_files.load("mllm_tiny").model.llm
   model = GemmaDecoder(frozen(config))
   params = llm_sharding.init_params(config, seed=0)
@@ -75,7 +77,7 @@ def tiny_rows(batch: int, prompt_len: int, new: int, iters: int) -> list[str]:
            f"identical tokens: {same}"]
   rates = {}
   for name, fn in (("KV cache", cached), ("recompute prefix", full)):
-    t = timing.median_time(fn, params, prompt, iters=iters)
+    t = timing.median_time(fn, params, prompt, warmup=warmup, iters=iters)
     rates[name] = batch * new / t
     lines.append(f"  {name:18s} {t * 1e3:9.1f} ms/call  {rates[name]:10.0f} tokens/s")
   lines.append(f"  speed-up of the cache: {rates['KV cache'] / rates['recompute prefix']:.1f}x")
@@ -112,9 +114,14 @@ def gemma_2b_rows(batch: int, length: int) -> list[str]:
       f"  whole cached loop ({length // 2} prompt + {length // 2} new): peak {peak(loop):.2f} GiB"]
 
 
-def sft_memory_rows(fsdp: int, batch_per_device: int, max_len: int) -> list[str]:
+def sft_memory_rows(fsdp: int, batch_per_device: int, max_len: int,
+                    llm: str = "gemma_2b", stage: str = "sft") -> list[str]:
+  """Compile-only per-device memory of one step of `configs/mllm_{stage}.py:llm={llm}` (stage
+  sft or generation: the generation rows' codes feed the heads)."""
   mesh = sharding.make_mesh({"fsdp": fsdp, "data": -1})
-  config = config_files.load("mllm_sft:llm=gemma_2b")
+  config = config_files.load(f"mllm_{stage}:llm={llm}")
+  if stage == "generation":
+    config.data.captions = "(bench)"  # the step computes the heads' code loss
   config.batch_size = batch_per_device * mesh.size
   modules = S.Modules(config)
   layout = state_layout(modules, mesh)
@@ -122,7 +129,8 @@ def sft_memory_rows(fsdp: int, batch_per_device: int, max_len: int) -> list[str]
   batch_sharding = data.batch_sharding(mesh)
   b, size = config.batch_size, config.model.tokenizer.image_size
   array = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-  batch = {k: array((b, max_len), bool) for k in ("image_mask", "input_mask", "loss_mask")}
+  batch = {k: array((b, max_len), bool)
+           for k in ("image_mask", "input_mask", "loss_mask", "gen_mask")}
   batch.update(tokens=array((b, max_len), jnp.int32), mask_ar=array((b, max_len), jnp.int32),
                has_image=array((b,), bool), image=array((b, size, size, 3), jnp.float32))
   compiled = jax.jit(make_train_step(modules, mesh), in_shardings=(shardings, batch_sharding),
@@ -131,7 +139,7 @@ def sft_memory_rows(fsdp: int, batch_per_device: int, max_len: int) -> list[str]
   m = compiled.memory_analysis()
   params = tree_nbytes(abstract.params)
   return [
-      f"MLLM SFT step, gemma_2b-shaped LLM + SigLIP-L/16-256 DualToken (frozen, in the step), "
+      f"MLLM {stage} step, {llm}-shaped LLM + SigLIP-L/16-256 DualToken (frozen, in the step), "
       f"{b} samples ({batch_per_device}/device) x {max_len} tokens "
       f"({C.num_image_positions(config.model)} image positions) on mesh {dict(mesh.shape)}:",
       f"  trained params {params / GIB:.2f} GiB fp32 + Adam moments "
@@ -147,17 +155,22 @@ def run(argv: list[str]) -> str:
   p.add_argument("--prompt", type=int, default=32, help="prompt tokens (tiny model)")
   p.add_argument("--new", type=int, default=64, help="generated tokens (tiny model)")
   p.add_argument("--length", type=int, default=1024, help="positions (2B-shaped model)")
-  p.add_argument("--iters", type=int, default=10)
+  timing.add_timing_flags(p, iters=10)
   p.add_argument("--fsdp", type=int, default=8)
   p.add_argument("--batch_per_device", type=int, default=1)
   p.add_argument("--max_len", type=int, default=1024, help="SFT sequence length")
   p.add_argument("--devices", type=int, default=8,
                  help="simulated CPU devices (set before jax starts)")
   p.add_argument("--skip_2b", action="store_true", help="only the tiny timing")
+  p.add_argument("--sft_llm", default="gemma_2b",
+                 help="decoder variant of the SFT memory row (e.g. qwen2.5_3b, the paper's)")
+  p.add_argument("--sft_only", action="store_true", help="only the SFT memory row")
+  p.add_argument("--sft_stage", default="sft", choices=("sft", "generation"),
+                 help="the stage config of that row")
   a = p.parse_args(argv)
-  lines = tiny_rows(a.batch, a.prompt, a.new, a.iters)
+  lines = [] if a.sft_only else tiny_rows(a.batch, a.prompt, a.new, a.iters, a.warmup)
   if not a.skip_2b:
-    lines += gemma_2b_rows(a.batch, a.length)
-    lines += sft_memory_rows(a.fsdp, a.batch_per_device, a.max_len)
+    lines += [] if a.sft_only else gemma_2b_rows(a.batch, a.length)
+    lines += sft_memory_rows(a.fsdp, a.batch_per_device, a.max_len, a.sft_llm, a.sft_stage)
   lines.append(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
   return "\n".join(lines)

@@ -18,7 +18,9 @@ def run(argv: list[str]) -> str:
   p = argparse.ArgumentParser(prog="python -m dualtoken_jax.bench encode")
   p.add_argument("--configs", default="dualtoken_tiny,dualtoken_b16")
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--iters", type=int, default=20)
+  timing.add_timing_flags(p, iters=20)
+  p.add_argument("--no_flop_count", action="store_true",
+                 help="skip compiling the loop-free encoder (FLOPs then count a loop body once)")
   a = p.parse_args(argv)
   rows = []
   for name in a.configs.split(","):
@@ -28,7 +30,8 @@ def run(argv: list[str]) -> str:
     for q in (loop_free.vq_pix, loop_free.vq_sem):
       q.distance_chunk = q.codebook_size
     counted = DualToken(ml_collections.FrozenConfigDict(loop_free))
-    variables = init_variables(config, jax.random.key(0))
+    # One jitted init: op-by-op initialisation compiles every random op separately.
+    variables = jax.jit(lambda rng, c=config: init_variables(c, rng))(jax.random.key(0))
     size = config.image_size
     images = jax.random.uniform(jax.random.key(1), (a.batch, size, size, 3), minval=-1, maxval=1)
     encode = lambda m: (lambda v, x: m.apply(v, x, method=DualToken.encode))
@@ -36,6 +39,8 @@ def run(argv: list[str]) -> str:
     decode = lambda m: (lambda v, c: m.apply(v, c, method=DualToken.decode_codes))
     tag = f"{name} {size}px B={a.batch}"
     rows.append(timing.measure(f"encode {tag}", encode(model), (variables, images),
-                               flops_fn=encode(counted), iters=a.iters))
-    rows.append(timing.measure(f"decode {tag}", decode(model), (variables, codes), iters=a.iters))
-  return timing.table(rows, timing.matmul_baseline(iters=a.iters))
+                               flops_fn=None if a.no_flop_count else encode(counted),
+                               iters=a.iters, warmup=a.warmup))
+    rows.append(timing.measure(f"decode {tag}", decode(model), (variables, codes), iters=a.iters,
+                               warmup=a.warmup))
+  return timing.table(rows, timing.matmul_baseline(iters=a.iters, warmup=a.warmup))

@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualtoken_jax import config_files
+from dualtoken_jax import config_files, data
 from dualtoken_jax.bench import timing
 from dualtoken_jax.bridges import layout
 from dualtoken_jax.data.images import to_unit
 from dualtoken_jax.evaluation import steps
 from dualtoken_jax.models import inception
 from dualtoken_jax.models.dualtoken import abstract_variables
+from dualtoken_jax.parallel import sharding
 
 
 def random_like(abstract, seed: int = 0):
@@ -50,10 +51,12 @@ def run(argv: list[str]) -> str:
   p = argparse.ArgumentParser(prog="python -m dualtoken_jax.bench evaluate")
   p.add_argument("--configs", default="dualtoken_tiny,dualtoken_b16")
   p.add_argument("--batch", type=int, default=8, help="global batch (a multiple of the devices)")
-  p.add_argument("--iters", type=int, default=5)
+  timing.add_timing_flags(p, iters=5)
+  p.add_argument("--devices", type=int, default=0,
+                 help="the data-parallel mesh over the first N devices (default 0: all of them)")
   p.add_argument("--fid_resize", default="bilinear", choices=steps.FID_RESIZE)
   a = p.parse_args(argv)
-  mesh = sharding.make_mesh({"data": -1})  # all devices on the data axis
+  mesh = sharding.make_mesh({"data": -1}, jax.devices()[:a.devices] if a.devices else None)
   net = inception.FIDInceptionV3(resize_input=a.fid_resize == "bilinear")
   inc_vars = steps.replicate(random_like(jax.eval_shape(
       net.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32)), 1), mesh)
@@ -66,9 +69,9 @@ def run(argv: list[str]) -> str:
     step = steps.main_step(model, steps.StepSpec(recon=True, ssim=True, usage=True), mesh)
     tok_vars = steps.replicate(random_like(abstract_variables(config)), mesh)
     size = config.image_size
-    images = steps.global_array(np.asarray(jax.random.uniform(
+    images = data.make_global_array(np.asarray(jax.random.uniform(
         jax.random.key(1), (a.batch, size, size, 3), minval=-1, maxval=1)), mesh)
-    mask = steps.global_array(np.ones((a.batch,), bool), mesh)
+    mask = data.make_global_array(np.ones((a.batch,), bool), mesh)
 
     def recon(v, x, m, step=step):
       return step(v, None, x, m)
@@ -82,11 +85,12 @@ def run(argv: list[str]) -> str:
       return out["psnr"], out["ssim"], out["hist_pix"], features(iv, real), features(iv, fake)
 
     tag = f"{name} {size}px B={a.batch}"
-    rows.append(timing.measure(f"recon {tag}", recon, (tok_vars, images, mask), iters=a.iters))
-    rows.append(timing.measure(f"rfid features x2 {tag}", rfid, (inc_vars, images),
-                               iters=a.iters))
+    timed = dict(iters=a.iters, warmup=a.warmup)
+    rows.append(timing.measure(f"recon {tag}", recon, (tok_vars, images, mask), **timed))
+    rows.append(timing.measure(f"rfid features x2 {tag}", rfid, (inc_vars, images), **timed))
     rows.append(timing.measure(f"total {tag}", total, (tok_vars, inc_vars, images, mask),
-                               iters=a.iters))
+                               **timed))
     speeds.append(f"{name}: {a.batch / rows[-1].median_s:.2f} images/s "
                   f"(recon + rFID features, {a.fid_resize} resize)")
-  return timing.table(rows, timing.matmul_baseline(iters=a.iters)) + "\n" + "\n".join(speeds)
+  return (timing.table(rows, timing.matmul_baseline(iters=a.iters, warmup=a.warmup)) + "\n"
+          + "\n".join(speeds))

@@ -45,22 +45,24 @@ def _sampler(modules, guided: bool):
       guided=guided, cfg_scale=3.0, temperature=1.0, top_k=900, top_p=0.96)
 
 
-def demo_rows(images: int, iters: int, guided_modes=(False, True)) -> list[str]:
-  config = config_files.load("demo_mllm_cpu")
+def demo_rows(images: int, iters: int, guided_modes=(False, True), warmup: int = 2,
+              spec: str = "demo_mllm_cpu") -> list[str]:
+  config = config_files.load(spec)
   modules = S.Modules(config)
   mesh = sharding.single_device_mesh()
   state = modules.create(mesh, state_layout(modules, mesh).shardings)
   n = C.num_image_positions(config.model)
-  lines = [f"demo MLLM (LLM width {config.model.llm.width} x {config.model.llm.depth} layers, "
+  label = "demo" if spec == "demo_mllm_cpu" else spec
+  lines = [f"{label} MLLM (LLM width {config.model.llm.width} x {config.model.llm.depth} layers, "
            f"heads {C.head_width(config.model)} x {config.model.heads.num_layers} layers, "
            f"{n} positions x D=4+4 codes), {images} images per call:"]
   for guided in guided_modes:
     rows = 2 * images if guided else images
     sample = jax.jit(_sampler(modules, guided))
     args = (state.params, state.tokenizer, *_inputs(rows, config.model.llm.vocab_size))
-    t = timing.median_time(sample, *args, iters=iters)
+    t = timing.median_time(sample, *args, warmup=warmup, iters=iters)
     decode = timing.median_time(lambda c: generation.decode_pixels(
-        modules.tokenizer, state.tokenizer, c), sample(*args)[0], iters=iters)
+        modules.tokenizer, state.tokenizer, c), sample(*args)[0], warmup=warmup, iters=iters)
     lines.append(f"  {'CFG (batch 2B)' if guided else 'no CFG (batch B)':17s} "
                  f"{images * n / t:8.0f} image positions/s  {t / images:7.3f} s/image "
                  f"(+ pixel decoding {decode / images:.3f} s/image)")
@@ -90,12 +92,15 @@ def gemma_2b_rows() -> list[str]:
 def run(argv: list[str]) -> str:
   p = argparse.ArgumentParser(prog="python -m dualtoken_jax.bench generate")
   p.add_argument("--images", type=int, default=4)
-  p.add_argument("--iters", type=int, default=3)
+  timing.add_timing_flags(p, iters=3)
+  p.add_argument("--config", default="demo_mllm_cpu",
+                 help="the timed MLLM config (e.g. demo_mllm_cpu:test, its 32 px variant)")
   p.add_argument("--skip_2b", action="store_true", help="only the demo-model timing")
   p.add_argument("--cfg", choices=("both", "off", "on"), default="both",
                  help="time the demo model without and/or with classifier-free guidance")
   a = p.parse_args(argv)
-  lines = demo_rows(a.images, a.iters, {"both": (False, True), "off": (False,), "on": (True,)}[a.cfg])
+  lines = demo_rows(a.images, a.iters, {"both": (False, True), "off": (False,), "on": (True,)}[a.cfg],
+                    a.warmup, a.config)
   if not a.skip_2b:
     lines += gemma_2b_rows()
   lines.append(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")

@@ -23,7 +23,7 @@ def run(argv: list[str]) -> str:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--tokens", type=int, default=729)
   p.add_argument("--chunk", type=int, default=2048)
-  p.add_argument("--iters", type=int, default=20)
+  timing.add_timing_flags(p, iters=20)
   a = p.parse_args(argv)
 
   z = jax.random.normal(jax.random.key(0), (a.batch * a.tokens, a.dim), jnp.float32)
@@ -39,5 +39,6 @@ def run(argv: list[str]) -> str:
       return out.codes, out.quantized, new
     unchunked = lambda stats, z, step=step: step(stats, z, chunk=a.codebook_size)
     name = f"RVQ {mode} K={a.codebook_size} d={a.dim} D={a.depth} N={z.shape[0]}"
-    rows.append(timing.measure(name, step, (stats, z), flops_fn=unchunked, iters=a.iters))
-  return timing.table(rows, timing.matmul_baseline(iters=a.iters))
+    rows.append(timing.measure(name, step, (stats, z), flops_fn=unchunked, iters=a.iters,
+                               warmup=a.warmup))
+  return timing.table(rows, timing.matmul_baseline(iters=a.iters, warmup=a.warmup))

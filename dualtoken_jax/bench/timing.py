@@ -51,23 +51,32 @@ def median_time(fn: Callable, *args, warmup: int = 2, iters: int = 20) -> float:
   return statistics.median(times)
 
 
+def add_timing_flags(parser, iters: int = 20, warmup: int = 2) -> None:
+  """`--iters` and `--warmup`, shared by every timed benchmark (`--iters 1 --warmup 0`: a quick
+  check that everything compiles and runs, times from a single call)."""
+  parser.add_argument("--iters", type=int, default=iters,
+                      help=f"timed calls per measurement, median reported (default {iters})")
+  parser.add_argument("--warmup", type=int, default=warmup,
+                      help=f"untimed calls before each measurement (default {warmup})")
+
+
 def measure(name: str, fn: Callable, args: tuple, *, flops_fn: Callable | None = None,
-            iters: int = 20) -> Measurement:
+            iters: int = 20, warmup: int = 2) -> Measurement:
   """Times `jax.jit(fn)(*args)`. XLA's cost analysis counts a while loop's body once, so pass
   `flops_fn`, an equivalent loop-free function, when `fn` loops (e.g. chunked distances)."""
   jitted = lambda f: f if hasattr(f, "lower") else jax.jit(f)  # keep explicit shardings
   compiled = jitted(fn).lower(*args).compile()
   flops_source = jitted(flops_fn).lower(*args).compile() if flops_fn else compiled
   peak, temp = memory(compiled)
-  return Measurement(name, median_time(compiled, *args, iters=iters),
+  return Measurement(name, median_time(compiled, *args, warmup=warmup, iters=iters),
                      float(cost(flops_source).get("flops", 0.0)), peak, temp)
 
 
-def matmul_baseline(n: int = 2048, iters: int = 20) -> Measurement:
+def matmul_baseline(n: int = 2048, iters: int = 20, warmup: int = 2) -> Measurement:
   """A plain f32 (n x n) @ (n x n) matmul: the machine's reference GFLOP/s for this run."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  return measure(f"matmul f32 {n}x{n}", jnp.matmul, (a, b), iters=iters)
+  return measure(f"matmul f32 {n}x{n}", jnp.matmul, (a, b), iters=iters, warmup=warmup)
 
 
 def table(rows: list[Measurement], baseline: Measurement) -> str:

@@ -59,13 +59,15 @@ def run(argv: list[str]) -> str:
   p = argparse.ArgumentParser(prog="python -m dualtoken_jax.bench train_step")
   p.add_argument("--config", action="append", help="config spec(s); default: demo + ViT-B/16")
   p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--iters", type=int, default=20)
+  timing.add_timing_flags(p, iters=20)
   p.add_argument("--lpips_gan", choices=("both", "off", "on"), default="both",
                  help="time the step without and/or with the LPIPS + GAN terms")
   p.add_argument("--no_flop_count", action="store_true",
                  help="skip compiling the loop-free variant (FLOPs then count a loop body once)")
+  p.add_argument("--devices", type=int, default=0,
+                 help="shard the step over the first N devices (default 0: all of them)")
   a = p.parse_args(argv)
-  mesh = sharding.make_mesh({"fsdp": -1})
+  mesh = sharding.make_mesh({"fsdp": -1}, jax.devices()[:a.devices] if a.devices else None)
   rows = []
   for spec in a.config or ["configs/demo_cpu.py", "dualtoken_b16"]:
     config = training_config(spec, a.batch)
@@ -79,5 +81,6 @@ def run(argv: list[str]) -> str:
       jit = lambda f: jax.jit(f, in_shardings=(shardings, batch), out_shardings=(shardings, None))
       name = f"train {spec.split('/')[-1]} B={a.batch} {'+LPIPS+GAN' if extras else 'no LPIPS/GAN'}"
       rows.append(timing.measure(name, jit(step), (state, jax.device_put(images, batch)),
-                                 flops_fn=counted and jit(counted), iters=a.iters))
-  return timing.table(rows, timing.matmul_baseline(iters=a.iters))
+                                 flops_fn=counted and jit(counted), iters=a.iters,
+                                 warmup=a.warmup))
+  return timing.table(rows, timing.matmul_baseline(iters=a.iters, warmup=a.warmup))

@@ -9,6 +9,10 @@ dtypes; `DualTokenizer` and the trainers put them on devices as they need.
   load_training_run   a `dualtoken_jax.train` run (its newest checkpoint, or a step directory)
   load                a saved directory or a training run
   init_with_siglip    fresh variables whose SigLIP towers come from real weights
+
+Every loader checks that the weights it read are finite (`tensor_files.check_finite`:
+`CheckpointError` naming the file and the first bad keys); `save` writes a sha256 manifest
+(`checksums.json`) that `load_saved` verifies, naming any file whose bytes changed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import orbax.checkpoint as ocp
 from dualtoken_jax.bridges import layout
 from dualtoken_jax.bridges import reference
 from dualtoken_jax.bridges import siglip
+from dualtoken_jax.bridges import tensor_files
 from dualtoken_jax.bridges.tensor_files import read_tensors, write_safetensors
 from dualtoken_jax.models import config as model_config
 from dualtoken_jax.models.dualtoken import abstract_variables, init_variables
@@ -44,6 +49,7 @@ def load_reference(checkpoint_path: str | os.PathLike,
   abstract = layout.flatten(abstract_variables(config))
   expected = layout.loop_shapes({k: v.shape for k, v in abstract.items()})
   flat = reference.import_state_dict(read_tensors(checkpoint_path), config, expected)
+  tensor_files.check_finite(flat, f"reference checkpoint {checkpoint_path}")
   return config, _in_model_layout(flat, abstract, config)
 
 
@@ -60,7 +66,8 @@ def export_reference(path: str | os.PathLike, config, variables: Any,
 
 
 def save(path: str | os.PathLike, config, variables: Any, overwrite: bool = False) -> None:
-  """Writes config.json and an Orbax checkpoint of the variables under `path` (`load_saved`)."""
+  """Writes config.json, an Orbax checkpoint of the variables and, last, `checksums.json` (the
+  sha256 of every weight file under state/; config.json stays editable) under `path`."""
   path = Path(path).absolute()
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -69,26 +76,27 @@ def save(path: str | os.PathLike, config, variables: Any, overwrite: bool = Fals
   checkpointer.save(path / _STATE, variables, force=overwrite)
   checkpointer.wait_until_finished()
   (path / _CONFIG).write_text(config.to_json_best_effort(indent=2))
+  tensor_files.write_checksums(path, under=_STATE)
 
 
 def load_saved(path: str | os.PathLike):
-  """This project's own format, as `save` writes it (config.json + Orbax `state/`)."""
+  """This project's own format, as `save` writes it (config.json + Orbax `state/`), verified
+  against its `checksums.json` (directories saved before manifests existed load unverified)."""
   path = Path(path).absolute()
   if not (path / _CONFIG).is_file() or not (path / _STATE).is_dir():
     raise FileNotFoundError(f"{path} is not a saved DualTokenizer (expected config.json and state/)")
+  tensor_files.verify_checksums(path)
   config = model_config.from_dict(json.loads((path / _CONFIG).read_text()))
   variables = ocp.StandardCheckpointer().restore(path / _STATE, abstract_variables(config))
+  tensor_files.check_finite(variables, f"saved DualTokenizer {path}")
   return config, layout.to_host(variables)
 
 
 def load_training_run(path: str | os.PathLike):
   """The tokenizer of a `dualtoken_jax.train` run (its newest checkpoint, or the step
   directory `path`): params and EMA codebooks, without optimiser, teacher or discriminator."""
-  step_dir = checkpoints.latest_step_dir(path)
-  config = ml_collections.ConfigDict(checkpoints.read_meta(step_dir)["config"])
-  if "model" not in config or "vq_pix" not in config.model:
-    raise ValueError(f"{step_dir} is not a tokenizer training checkpoint (its config has no "
-                     "model.vq_pix)")
+  step_dir, config = checkpoints.read_run(path, "tokenizer")
+  config = ml_collections.ConfigDict(config)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           abstract_variables(config.model))
@@ -117,6 +125,7 @@ def init_with_siglip(config, siglip_path: str | os.PathLike, seed: int = 0) -> d
     loaded = siglip.load_big_vision(str(siglip_path), towers)
   else:
     loaded = siglip.load_hf(siglip_path, config.vision, config.text, towers)
+  tensor_files.check_finite(loaded, f"SigLIP checkpoint {siglip_path}")
   flat = layout.to_loop(fresh)
   flat.update({f"params/{k}": v for k, v in loaded.items()})
   return _in_model_layout(flat, fresh, config)

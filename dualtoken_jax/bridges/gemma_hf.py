@@ -1,13 +1,16 @@
-"""Hugging Face Gemma checkpoints <-> the decoder's loop-layout params, both ways, exactly.
+"""Hugging Face decoder checkpoints <-> the decoder's loop-layout params, both ways, exactly.
 
-Reads `GemmaForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM` safetensors (one file or a
-sharded `model.safetensors.index.json`), and the text decoder inside
+Reads `GemmaForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`, `Qwen2ForCausalLM` (Qwen2 and
+Qwen2.5: q/k/v biases) and `LlamaForCausalLM` (Llama 2 / 3: an untied `lm_head.weight`)
+safetensors (one file or a sharded `model.safetensors.index.json`), and the text decoder inside
 `Gemma3ForConditionalGeneration` checkpoints (`language_model.model.` or
 `model.language_model.` prefixes; their vision tower and projector keys are skipped knowingly).
 
 One table of `bridges.rules.Rule`s serves both directions; several HF tensors may fill one of
 ours (k_proj and v_proj -> `kv_einsum`, gate_proj and up_proj -> `gating_einsum`). Import is
-strict: every missing, unexpected or misshaped key is listed in one `CheckpointError`.
+strict: every missing, unexpected or misshaped key is listed in one `CheckpointError` (a tied
+checkpoint may omit `lm_head.weight`, or hold a copy equal to the embedding; an untied one must
+have it).
 `load_params` also fits a checkpoint to a decoder config with a larger vocabulary (the MLLM's
 appended special tokens) and places the params in their shardings.
 """
@@ -25,7 +28,7 @@ from jax.sharding import Mesh
 from dualtoken_jax.bridges import gemma_orbax
 from dualtoken_jax.bridges import layout
 from dualtoken_jax.bridges import rules as R
-from dualtoken_jax.bridges.tensor_files import CheckpointError, read_tensors, write_safetensors
+from dualtoken_jax.bridges.tensor_files import CheckpointError, check_finite, read_tensors, write_safetensors
 from dualtoken_jax.llm import config as C
 from dualtoken_jax.llm import sharding as S
 
@@ -34,6 +37,7 @@ TEXT_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
 _MULTIMODAL = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                "model.multi_modal_projector.")
 _LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+OUTPUT_EMBEDDING = "embedder/output_embedding"  # untied decoders (HF lm_head.weight)
 
 
 def _same(hf: str, ours: str, shape) -> R.Rule:
@@ -54,6 +58,30 @@ def _fused_heads_in(hfs: tuple[str, ...], ours: str, n: int, d: int, h: int) -> 
                 ((n * h, d),) * len(hfs))
 
 
+def _fused_bias(hfs: tuple[str, ...], ours: str, n: int, h: int) -> R.Rule:
+  """Biases (n*h,) of the projections fused in one einsum <-> `b` (len(hfs), n, h)."""
+  return R.Rule(hfs, (ours,), lambda *a: (np.stack([x.reshape(n, h) for x in a]),),
+                lambda b: tuple(x.reshape(n * h) for x in b), ((n * h,),) * len(hfs))
+
+
+def _bias_rules(config, a: str, o: str) -> list[R.Rule]:
+  """q/k/v bias rules (Qwen2), in the einsum grouping the attention uses."""
+  n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
+  if not config.qkv_bias:
+    return []
+  if C.uses_qkv_einsum(config):
+    return [_fused_bias((f"{a}q_proj.bias", f"{a}k_proj.bias", f"{a}v_proj.bias"),
+                        f"{o}attn/qkv_einsum/b", n, h)]
+  return [R.one(f"{a}q_proj.bias", f"{o}attn/q_einsum/b", lambda x: x.reshape(n, h),
+                lambda b: b.reshape(n * h), shape=(n * h,)),
+          _fused_bias((f"{a}k_proj.bias", f"{a}v_proj.bias"), f"{o}attn/kv_einsum/b", k, h)]
+
+
+# HF's name of the norm before the MLP: Gemma 2/3 reuse "post_attention_layernorm" for their
+# post-attention norm; Gemma 1, Qwen2 and Llama call the pre-MLP norm that.
+_SANDWICH_NORM_FAMILIES = ("gemma2", "gemma3")
+
+
 def rules(config, prefix: str = "model.") -> list[R.Rule]:
   """The full table for a decoder config, HF keys under `prefix`."""
   d, f = config.width, config.mlp_dim
@@ -61,13 +89,16 @@ def rules(config, prefix: str = "model.") -> list[R.Rule]:
   table = [_same(f"{prefix}embed_tokens.weight", "embedder/input_embedding",
                  (config.vocab_size, d)),
            _same(f"{prefix}norm.weight", "final_norm/scale", (d,))]
+  if not config.tie_embeddings:
+    head = _LM_HEADS[1] if prefix == "language_model.model." else _LM_HEADS[0]
+    table.append(_same(head, OUTPUT_EMBEDDING, (config.vocab_size, d)))
   for i in range(config.depth):
     t, o = f"{prefix}layers.{i}.", f"layer_{i}/"
     a = f"{t}self_attn."
-    # Gemma 1 names its pre-FFN norm "post_attention_layernorm"; Gemma 2/3 use that name for
-    # the post-attention norm and add pre/post_feedforward_layernorm.
+    # Gemma 1 (and Qwen2, Llama) name the pre-FFN norm "post_attention_layernorm"; Gemma 2/3 use
+    # that name for the post-attention norm and add pre/post_feedforward_layernorm.
     norms = {"input_layernorm": "pre_attention_norm"}
-    if config.family == "gemma":
+    if config.family not in _SANDWICH_NORM_FAMILIES:
       norms["post_attention_layernorm"] = "pre_ffw_norm"
     else:
       norms["pre_feedforward_layernorm"] = "pre_ffw_norm"
@@ -86,6 +117,7 @@ def rules(config, prefix: str = "model.") -> list[R.Rule]:
       table += [_heads_in(f"{a}q_proj.weight", f"{o}attn/q_einsum/w", n, d, h),
                 _fused_heads_in((f"{a}k_proj.weight", f"{a}v_proj.weight"), f"{o}attn/kv_einsum/w",
                                 k, d, h)]
+    table += _bias_rules(config, a, o)
     table += [
         # o_proj (D, N*H) <-> attn_vec_einsum (N, H, D)
         R.one(f"{a}o_proj.weight", f"{o}attn/attn_vec_einsum/w", lambda x: x.T.reshape(n, h, d),
@@ -114,10 +146,12 @@ def import_tensors(tensors: Mapping[str, np.ndarray], config, what: str = "HF ch
   multimodal = prefix != "model."
   other = []
   emb = tensors.get(f"{prefix}embed_tokens.weight")
-  for head in _LM_HEADS:  # tied: a saved lm_head must be the embedding table
+  tied = config.tie_embeddings
+  for head in _LM_HEADS if tied else ():  # tied: a saved lm_head must be the embedding table
     if head in tensors and emb is not None and not np.array_equal(tensors[head], emb):
-      other.append(f"{head} differs from {prefix}embed_tokens.weight; Gemma ties them")
-  ignore = lambda k: k in _LM_HEADS or (multimodal and k.startswith(_MULTIMODAL))
+      other.append(f"{head} differs from {prefix}embed_tokens.weight, but the config ties them "
+                   "(tie_embeddings / HF tie_word_embeddings)")
+  ignore = lambda k: (tied and k in _LM_HEADS) or (multimodal and k.startswith(_MULTIMODAL))
   flat = R.import_tensors(tensors, rules(config, prefix), S.param_shapes(config, scan_layers=False),
                           what, ignore=ignore, other=other)
   return {k: np.asarray(v) for k, v in flat.items()}
@@ -155,10 +189,45 @@ def read_dir(path: str | Path) -> dict[str, np.ndarray]:
   return read_tensors(single)
 
 
+class _LazyTensor:
+  """One safetensors tensor, read when converted (`np.asarray`); its shape from the header."""
+
+  def __init__(self, file: Path, key: str, shape):
+    self.file, self.key, self.shape = file, key, tuple(shape)
+
+  def __array__(self, dtype=None, copy=None):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(str(self.file), "numpy") as f:
+      a = f.get_tensor(self.key)
+    return a if dtype is None else a.astype(dtype)
+
+
+def open_dir(path: str | Path) -> dict[str, Any]:
+  """Like `read_dir`, but each tensor is read only when a rule converts it (so loading holds
+  about one copy of the model in host memory, not the raw file and the converted params)."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  path = Path(path)
+  index = path / "model.safetensors.index.json"
+  if index.is_file():
+    files = [path / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+  elif (path / "model.safetensors").is_file():
+    files = [path / "model.safetensors"]
+  else:
+    return read_dir(path)  # the error naming what is missing
+  tensors = {}
+  for file in files:
+    with safe_open(str(file), "numpy") as f:
+      tensors.update({k: _LazyTensor(file, k, f.get_slice(k).get_shape()) for k in f.keys()})
+  return tensors
+
+
 def load(path: str | Path, config=None) -> tuple[dict[str, np.ndarray], object]:
-  """(loop-layout flat params, config) from a HF checkpoint directory."""
+  """(loop-layout flat params, config) from a HF checkpoint directory (tensors read one rule at
+  a time, `open_dir`)."""
   config = config or C.config_from_hf(read_config(path))
-  return import_tensors(read_dir(path), config, f"HF checkpoint {path}"), config
+  flat = import_tensors(open_dir(path), config, f"HF checkpoint {path}")
+  check_finite(flat, f"HF checkpoint {path}")
+  return flat, config
 
 
 # Architecture fields a checkpoint must share with the decoder config it is loaded as (not
@@ -166,7 +235,9 @@ def load(path: str | Path, config=None) -> tuple[dict[str, np.ndarray], object]:
 ARCHITECTURE = ("family", "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                 "attention_pattern", "sliding_window", "qk_norm", "post_attn_norm",
                 "post_ffw_norm", "query_pre_attn_scalar", "attn_logit_softcap",
-                "final_logit_softcap", "rope_base_local", "rope_base_global")
+                "final_logit_softcap", "rope_base_local", "rope_base_global", "rope_scale_local",
+                "rope_scale_global", "rope_llama3", "norm_offset", "scale_embeddings",
+                "activation", "qkv_bias", "tie_embeddings")
 
 
 def load_params(path: str | Path, config, mesh: Mesh | None = None,
@@ -182,10 +253,12 @@ def load_params(path: str | Path, config, mesh: Mesh | None = None,
   if different:
     raise CheckpointError(f"HF checkpoint {path} vs the decoder config", other=different)
   flat, _ = load(path, hf)
-  table = flat[gemma_orbax.EMBEDDING]
-  new = config.vocab_size - table.shape[0]
+  new = config.vocab_size - flat[gemma_orbax.EMBEDDING].shape[0]
   if new:
-    flat[gemma_orbax.EMBEDDING] = np.asarray(gemma_orbax.fit_vocab(table, table.shape[0], new, seed))
+    for key in (gemma_orbax.EMBEDDING, OUTPUT_EMBEDDING):
+      if key in flat:  # the untied output table grows with the input one
+        table = flat[key]
+        flat[key] = np.asarray(gemma_orbax.fit_vocab(table, table.shape[0], new, seed))
     logging.info("HF checkpoint %s: appended %d embedding rows for new tokens", path, new)
   if config.scan_layers:
     flat = layout.to_scan(flat, config.depth)

@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 
 from dualtoken_jax.bridges import layout
-from dualtoken_jax.bridges.tensor_files import CheckpointError, check_tree
+from dualtoken_jax.bridges.tensor_files import CheckpointError, check_finite, check_tree
 from dualtoken_jax.llm import sharding as S
 
 FLAT, STACKED, NESTED = "flat", "stacked", "nested"
@@ -190,11 +190,11 @@ def load(path: str | Path, config, mesh: Mesh | None = None,
 
   # 1. Abstract target in the checkpoint's own layout, leaves sharded like their parameter.
   abstract: dict[tuple[str, ...], jax.ShapeDtypeStruct] = {}
-  for path, src in needed.items():
+  for param, src in needed.items():
     if src.key in abstract:
       continue
-    leaf_names = names[path]
-    if path in transposed:
+    leaf_names = names[param]
+    if param in transposed:
       leaf_names = (leaf_names[0], leaf_names[2], leaf_names[1])
     if src.index is not None:
       leaf_names = (None,) + leaf_names
@@ -226,7 +226,9 @@ def load(path: str | Path, config, mesh: Mesh | None = None,
     flat = layout.to_scan(flat_loop, config.depth, jnp.stack) if config.scan_layers else flat_loop
     return layout.unflatten(flat)
 
-  return jax.jit(relayout, out_shardings=target)(restored)
+  params = jax.jit(relayout, out_shardings=target)(restored)
+  check_finite(params, f"Orbax checkpoint {item_dir}")
+  return params
 
 
 def fit_vocab(table, keep: int, new: int, seed: int):

@@ -1,5 +1,7 @@
 """Reading and writing flat name -> array files: safetensors, PyTorch pickles, big_vision npz;
-and the one strict check of a flat tree against the shapes a model expects (`check_tree`).
+the one strict check of a flat tree against the shapes a model expects (`check_tree`); the one
+check that loaded weights are finite (`check_finite`); sha256 manifests of saved directories
+(`write_checksums` / `verify_checksums`).
 
 Everything comes back as numpy arrays keyed by the file's own names; layout quirks (prefixes,
 transposes, stacking) belong to the bridge that knows the model, not here.
@@ -7,11 +9,16 @@ transposes, stacking) belong to the bridge that knows the model, not here.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file as _load_safetensors
@@ -22,10 +29,11 @@ class CheckpointError(ValueError):
   """A checkpoint that does not match the model: lists every missing, extra or misshaped key."""
 
   def __init__(self, what: str, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
-               misshaped: Iterable[str] = (), other: Iterable[str] = ()):
+               misshaped: Iterable[str] = (), other: Iterable[str] = (),
+               headline: str | None = "does not match the model"):
     self.missing, self.unexpected = sorted(missing), sorted(unexpected)
     self.misshaped, self.other = sorted(misshaped), list(other)
-    lines = [f"{what} does not match the model:"]
+    lines = [f"{what} {headline}:" if headline else what]  # None: `what` is the whole message
     for title, items in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
                          ("keys with the wrong shape", self.misshaped), ("other problems", self.other)):
       if items:
@@ -76,17 +84,21 @@ def check_tree(found: Mapping[str, Any], expected: Mapping[str, tuple | None], w
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Loads a `.safetensors`, `.pt`/`.pth`/`.bin` (PyTorch) or `.npz` file into numpy arrays."""
+  """Loads a `.safetensors`, `.pt`/`.pth`/`.bin` (PyTorch) or `.npz` file into numpy arrays. A
+  truncated or corrupted safetensors / npz file raises `CheckpointError` naming it."""
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"checkpoint file not found: {path}")
   suffix = path.suffix.lower()
-  if suffix == ".safetensors":
-    return dict(_load_safetensors(str(path)))
+  if suffix in (".safetensors", ".npz"):
+    try:
+      return dict(_load_safetensors(str(path))) if suffix == ".safetensors" else read_npz(path)
+    except Exception as e:  # safetensors' SafetensorError, zipfile.BadZipFile, EOFError, ...
+      raise CheckpointError(f"{path} is not a readable {suffix} file (truncated or corrupted? "
+                            f"{path.stat().st_size} bytes): {type(e).__name__}: {e}",
+                            headline=None) from e
   if suffix in (".pt", ".pth", ".bin", ".ckpt"):
     return read_torch(path)
-  if suffix == ".npz":
-    return read_npz(path)
   raise ValueError(f"unsupported checkpoint format {suffix!r} for {path}: expected .safetensors, "
                    ".pt/.pth/.bin (PyTorch) or .npz (big_vision)")
 
@@ -132,21 +144,126 @@ def _recover_dtype(a: np.ndarray) -> np.ndarray:
   return a
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
+  """The one way files are written atomically: yields a temporary name beside `path` (in the
+  same directory, so the rename cannot cross file systems), renamed onto `path` when the block
+  ends and removed if it raises. A kill leaves at most a `*.tmp` file, never a half-written file
+  under the final name."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
-  _save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-                    metadata=dict(metadata or {}))
-  os.replace(tmp, path)  # never leave a half-written checkpoint under the final name
+  try:
+    yield tmp
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  os.replace(tmp, path)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  with atomic_target(path) as tmp:
+    _save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                      metadata=dict(metadata or {}))
 
 
 def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
   """An uncompressed `.npz` of `arrays`, written atomically (as `read_npz` reads it back)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:  # a file object, so numpy does not append another ".npz"
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  with atomic_target(path) as tmp, open(tmp, "wb") as f:
+    np.savez(f, **arrays)  # a file object, so numpy does not append another ".npz"
+
+
+def read_tagged_npz(path: str | os.PathLike, tag: str, what: str, hint: str = "") -> dict[str, np.ndarray]:
+  """The arrays of an `.npz` written with `write_npz({"format": tag, ...})`, after checking its
+  `format` entry names `tag` (so a file of another kind fails with an error saying so)."""
+  with np.load(path, allow_pickle=False) as f:
+    if "format" not in f.files or str(f["format"]) != tag:
+      raise ValueError(f"{path} is not {what} (expected the key 'format' = {tag!r}{hint})")
+    return {k: f[k] for k in f.files if k != "format"}
+
+
+# ---------------------------------------------------------------- finite weights
+_FINITE_CHUNK_BYTES = 2 << 30
+
+
+@jax.jit
+def _finite_per_leaf(leaves: list) -> jax.Array:
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite_paths(tree: Any) -> list[str]:
+  """Paths ("a/b/c") of the float leaves of `tree` that hold NaN or Inf.
+
+  On device: one jitted reduction returning one bool per leaf (compiled once per tree
+  structure), over chunks of at most 2 GiB of host (numpy) leaves so that checking a large
+  host tree never needs a device that holds all of it; device arrays are checked where they are.
+  """
+  flat = [(jax.tree_util.keystr(p, simple=True, separator="/"), x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  bad, chunk, size = [], [], 0
+  for i, (path, x) in enumerate(flat):
+    chunk.append((path, x))
+    size += x.size * x.dtype.itemsize if isinstance(x, np.ndarray) else 0
+    if size >= _FINITE_CHUNK_BYTES or i == len(flat) - 1:
+      ok = np.asarray(_finite_per_leaf([a for _, a in chunk]))
+      bad.extend(p for (p, _), good in zip(chunk, ok) if not good)
+      chunk, size = [], 0
+  return bad
+
+
+def all_finite(tree: Any) -> bool:
+  """Whether every float leaf of `tree` is free of NaN/Inf (see `nonfinite_paths`)."""
+  return not nonfinite_paths(tree)
+
+
+def check_finite(tree: Any, what: str) -> None:
+  """Raises `CheckpointError` naming `what` (the file or directory) and the first leaves that
+  hold NaN/Inf: a corrupted checkpoint fails at load, not as NaN outputs later."""
+  bad = nonfinite_paths(tree)
+  if bad:
+    more = [f"... and {len(bad) - 10} more"] if len(bad) > 10 else []
+    raise CheckpointError(what, other=[f"{k}: NaN/Inf values" for k in bad[:10]] + more,
+                          headline="holds non-finite weights (corrupted?)")
+
+
+# ---------------------------------------------------------------- checksum manifests
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def write_checksums(root: str | os.PathLike, under: str = "") -> Path:
+  """Writes `root/checksums.json`: the sha256 of every file under `root/under` (paths relative
+  to `root`), after the files themselves (atomically), so a manifest describes complete files."""
+  root = Path(root)
+  names = sorted(str(p.relative_to(root)) for p in (root / under).rglob("*")
+                 if p.is_file() and p.name != CHECKSUMS)
+  with atomic_target(root / CHECKSUMS) as tmp:
+    tmp.write_text(json.dumps({"sha256": {n: _sha256(root / n) for n in names}}, indent=1))
+  return root / CHECKSUMS
+
+
+def verify_checksums(root: str | os.PathLike) -> bool:
+  """Checks the files under `root` against its `checksums.json`; False when there is none.
+  Raises `CheckpointError` naming every listed file that is missing or whose bytes changed."""
+  root = Path(root)
+  if not (root / CHECKSUMS).is_file():
+    return False
+  expected = json.loads((root / CHECKSUMS).read_text())["sha256"]
+  problems = []
+  for name, digest in expected.items():
+    if not (root / name).is_file():
+      problems.append(f"{name}: missing")
+    elif _sha256(root / name) != digest:
+      problems.append(f"{name}: sha256 differs from {CHECKSUMS} (corrupted or modified)")
+  if problems:
+    raise CheckpointError(str(root), other=problems, headline=f"fails its {CHECKSUMS} check")
+  return True

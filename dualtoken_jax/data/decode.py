@@ -27,6 +27,8 @@ orientation tag is ignored, as in the reference pipeline.
 from __future__ import annotations
 
 import io
+import os
+import stat
 from typing import Any
 
 import grain
@@ -38,6 +40,9 @@ from dualtoken_jax.data import records
 # 8k x 8k. CC12M has a long tail of very large images; anything bigger costs seconds to decode
 # for one 384 px crop and is more likely an attack or a scan than a photo.
 DEFAULT_MAX_PIXELS = 8192 * 8192
+# Bytes read from one image file: far above any real photo (an 8k x 8k PNG is ~100 MB only when
+# it is noise), and a `/dev/zero`-like input stops here instead of at MemoryError.
+DEFAULT_MAX_BYTES = 64 << 20
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -50,6 +55,51 @@ class SkipImage(ValueError):
   def __init__(self, reason: str, message: str):
     super().__init__(message)
     self.reason = reason
+
+
+def read_image_file(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+  """The bytes of the image file `path` (symlinks followed): only a regular file is read, and
+  at most `max_bytes` of it, so a FIFO named `x.jpg` cannot block the reader forever nor a link
+  to `/dev/zero` fill the memory. The one way every image input reads a file.
+
+  Raises:
+    SkipImage: "not_a_file" (FIFO, device, socket, directory), "too_large" (over `max_bytes`).
+    OSError: as `open` does (e.g. FileNotFoundError for a file that vanished).
+  """
+  check_regular_file(path)
+  # O_NONBLOCK: should the path become a FIFO after the stat, opening it still returns at once.
+  fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+  with os.fdopen(fd, "rb") as f:
+    size = _check_regular(path, os.fstat(f.fileno())).st_size
+    if size > max_bytes:
+      raise SkipImage("too_large", f"{size} bytes exceeds max_bytes={max_bytes}")
+    data = f.read(max_bytes + 1)
+  if len(data) > max_bytes:  # it grew while being read
+    raise SkipImage("too_large", f"more than max_bytes={max_bytes} bytes")
+  return data
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISDIR, "a directory"))
+
+
+def check_regular_file(path: str | os.PathLike) -> os.stat_result:
+  """The `os.stat` of `path` (symlinks followed) after checking it is a regular file, without
+  opening it: the one check every input file gets, so a FIFO cannot block a reader.
+
+  Raises:
+    SkipImage: "not_a_file", naming the path and its kind (FIFO, device, socket, directory).
+    OSError: as `os.stat` does (FileNotFoundError for a missing path).
+  """
+  return _check_regular(path, os.stat(path))
+
+
+def _check_regular(path, st: os.stat_result) -> os.stat_result:
+  if not stat.S_ISREG(st.st_mode):
+    kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "a special file")
+    raise SkipImage("not_a_file", f"{os.fspath(path)} is {kind}, not a regular file")
+  return st
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dualtoken_jax.config_files import ConfigError
 from dualtoken_jax.parallel.sharding import BATCH_AXES
 
 
@@ -41,13 +42,13 @@ def host_batch_size(global_batch_size: int, mesh: Mesh,
   """This host's share of `global_batch_size` (what to pass to the input pipeline).
 
   Raises:
-    ValueError: the global batch does not split evenly over the batch shards.
+    ConfigError (a ValueError): the global batch does not split evenly over the batch shards.
   """
   total, local = num_batch_shards(mesh, axes)
   if global_batch_size <= 0 or global_batch_size % total:
     nearest = max(1, round(global_batch_size / total)) * total
-    raise ValueError(
-        f"global batch size {global_batch_size} must be a positive multiple of the {total} "
+    raise ConfigError(
+        f"batch_size: the global batch size {global_batch_size} must be a positive multiple of the {total} "
         f"batch shards of mesh axes {tuple(axes)} (sizes "
         f"{tuple(mesh.shape[a] for a in axes)}); e.g. {nearest}")
   return global_batch_size // total * local

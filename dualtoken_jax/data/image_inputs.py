@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dualtoken_jax.data import sample_photos, sources
-from dualtoken_jax.data.decode import SkipImage
+from dualtoken_jax.data.decode import DEFAULT_MAX_BYTES, SkipImage
 from dualtoken_jax.data.transforms import load_image
 
 SAMPLE = "sample"  # the photos bundled with scikit-image / scikit-learn / matplotlib
@@ -44,12 +44,14 @@ class Batch:
   skipped: list[tuple[str, str]]  # (key, reason) of files in this slice that could not be used
 
 
-def batches(items: Sequence[tuple[str, str]], size: int, batch_size: int) -> Iterator[Batch]:
+def batches(items: Sequence[tuple[str, str]], size: int, batch_size: int, *,
+            max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Batch]:
+  """Batches of `batch_size` items; FIFOs, devices and files over `max_bytes` are skipped."""
   for start in range(0, len(items), batch_size):
     keys, images, skipped = [], [], []
     for key, path in items[start:start + batch_size]:
       try:
-        images.append(load_image(Path(path), size))
+        images.append(load_image(Path(path), size, max_bytes=max_bytes))
         keys.append(key)
       except (SkipImage, OSError) as e:
         skipped.append((key, f"{type(e).__name__}: {e}"))

@@ -72,8 +72,10 @@ IMAGE_SKIPS = SkipReasons((
     "read_error",    # any other I/O failure (permissions, truncated tar member, ...)
     "empty",         # zero-byte payload
     "decode_error",  # PIL could not decode it (corrupt, truncated, not an image, odd mode)
-    "too_large",     # more pixels than the decode limit (decompression-bomb guard)
+    "too_large",     # more pixels than the decode limit (decompression-bomb guard), or more
+                     # bytes than the read limit (`decode.DEFAULT_MAX_BYTES`)
     "bad_member",    # tar member with an absolute path, a `..` component, or not a regular file
+    "not_a_file",    # a path that is a FIFO, device, socket or directory (never opened to read)
 ))
 SKIP_REASONS = IMAGE_SKIPS.names
 

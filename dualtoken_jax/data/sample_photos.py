@@ -12,6 +12,7 @@ import importlib.util
 import os
 from typing import Any, Sequence
 
+from dualtoken_jax.data import decode
 from dualtoken_jax.data import records
 
 # (package, path inside the package). Order is the source order.
@@ -69,8 +70,9 @@ class SamplePhotosSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     key = self._keys[index]
     try:
-      with open(self._paths[key], "rb") as f:
-        return {"key": key, "image_bytes": f.read()}
+      return {"key": key, "image_bytes": decode.read_image_file(self._paths[key])}
+    except decode.SkipImage as e:
+      return records.skip_record(e.reason, key, str(e))
     except OSError as e:
       return records.read_failure(key, e)
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from dualtoken_jax.data import decode
 from dualtoken_jax.data import records
 from dualtoken_jax.data import tf_example
 
@@ -31,11 +32,15 @@ class ImageFolderSource:
 
   Keys are paths relative to `root` with "/" separators. Files and directories whose name
   starts with "." are ignored (macOS `._*` resource forks are not images). Symlinked
-  directories are not followed.
+  directories are not followed. Only regular files (symlinks followed) are read, at most
+  `max_bytes` of each (`decode.read_image_file`): a FIFO or device is skipped as "not_a_file",
+  a bigger file as "too_large".
   """
 
-  def __init__(self, root: str | os.PathLike, *, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+  def __init__(self, root: str | os.PathLike, *, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+               max_bytes: int = decode.DEFAULT_MAX_BYTES):
     self._root = os.fspath(root)
+    self._max_bytes = max_bytes
     if not os.path.isdir(self._root):
       raise FileNotFoundError(f"image folder {self._root!r} does not exist or is not a directory")
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
@@ -60,8 +65,10 @@ class ImageFolderSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     key = self._keys[index]
     try:
-      with open(os.path.join(self._root, key), "rb") as f:
-        return {"key": key, "image_bytes": f.read()}
+      return {"key": key, "image_bytes": decode.read_image_file(os.path.join(self._root, key),
+                                                                max_bytes=self._max_bytes)}
+    except decode.SkipImage as e:
+      return records.skip_record(e.reason, key, str(e))
     except OSError as e:
       return records.read_failure(key, e)
 
@@ -169,17 +176,32 @@ class ArrayRecordSource(RecordSource):
 
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                  what: str) -> list[str]:
-  """Files named by `paths` (files or glob patterns); raises naming the patterns if none."""
+  """Files named by `paths` (files or glob patterns); raises naming the patterns if none.
+
+  Every file, named or matched, must be a regular file (symlinks followed;
+  `decode.check_regular_file`), so a FIFO matched by `shards/*.tar` is refused, never opened.
+
+  Raises:
+    FileNotFoundError: a named path that does not exist.
+    ValueError: no file matched, or a path is not a regular file (FIFO, device, directory...).
+  """
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
   files: list[str] = []
   for pattern in map(os.fspath, paths):
     if glob.has_magic(pattern):
-      files.extend(sorted(glob.glob(pattern)))
-    elif os.path.isfile(pattern):
-      files.append(pattern)
+      matched = sorted(glob.glob(pattern))
+    elif os.path.exists(pattern):
+      matched = [pattern]
     else:
       raise FileNotFoundError(f"{what}: {pattern!r} does not exist")
+    for path in matched:
+      try:
+        decode.check_regular_file(path)
+      except decode.SkipImage as e:
+        by = f" (matched by {pattern!r})" if path != pattern else ""
+        raise ValueError(f"{what}: {e}{by}") from None
+    files.extend(matched)
   if not files:
     raise ValueError(f"no {what} matched {[os.fspath(p) for p in paths]}")
   return files

@@ -91,18 +91,18 @@ def to_float(img: Image.Image) -> np.ndarray:
   return np.asarray(img, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-def load_image(image: str | os.PathLike | bytes, size: int, *,
-               alpha: str = "white") -> np.ndarray:
+def load_image(image: str | os.PathLike | bytes, size: int, *, alpha: str = "white",
+               max_bytes: int = decode.DEFAULT_MAX_BYTES) -> np.ndarray:
   """One image file (path or bytes) with the eval geometry: float32 [size, size, 3] in [-1, 1].
 
   For inference and demos; stack several with `np.stack` to make a batch.
 
   Raises:
-    decode.SkipImage (a ValueError): the file is empty, corrupt or too large.
+    decode.SkipImage (a ValueError): the file is empty, corrupt, too large (pixels, or more
+      than `max_bytes` bytes), or not a regular file (a FIFO, a device).
   """
   if not isinstance(image, bytes):
-    with open(image, "rb") as f:
-      image = f.read()
+    image = decode.read_image_file(image, max_bytes=max_bytes)
   return to_float(resize_center_crop(decode.decode_image(image, alpha=alpha),
                                      _check_resolution(size)))
 

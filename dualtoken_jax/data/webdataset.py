@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dualtoken_jax.data import decode
 from dualtoken_jax.data import records
 from dualtoken_jax.data import sources
 
@@ -73,11 +74,14 @@ class WebDatasetSource:
     with_captions: add a `caption` field (the `.txt` member, else `.json`'s "caption") to each
       record, for later MLLM use. Tokenizer training leaves it off.
     num_index_threads: shards indexed in parallel.
+    max_bytes: an image member larger than this is skipped as "too_large", unread.
   """
 
   def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], *,
                image_extensions: Sequence[str] = WEBDATASET_IMAGE_EXTENSIONS,
-               with_captions: bool = False, num_index_threads: int = 16):
+               with_captions: bool = False, num_index_threads: int = 16,
+               max_bytes: int = decode.DEFAULT_MAX_BYTES):
+    self._max_bytes = max_bytes
     patterns = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
     expanded = [p for pattern in patterns for p in expand_braces(os.fspath(pattern))]
     self._paths = sources.expand_paths(expanded, what="webdataset .tar shards")
@@ -124,6 +128,9 @@ class WebDatasetSource:
     key = f"{os.path.basename(path)}/{self._keys[index].decode('utf-8')}"
     if self._bad[index]:
       return records.skip_record("bad_member", key, "unsafe tar member name or type")
+    if self._size[index] > self._max_bytes:
+      return records.skip_record("too_large", key, f"{self._size[index]} bytes exceeds "
+                                 f"max_bytes={self._max_bytes}")
     try:
       data = _read_range(path, self._offset[index], self._size[index])
       record = {"key": key, "image_bytes": data}

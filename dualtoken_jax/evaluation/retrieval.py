@@ -9,9 +9,21 @@ Gallery: the N evaluated images that have at least one caption; queries: their M
   most similar captions (the standard multi-caption rule). With s*_i = max over the image's
   captions of s(c, i): rank(i) = #{captions c' : s(c', i) > s*_i}; hit iff rank(i) < K.
 
-Ties count in the query's favour (strictly greater scores outrank); with float embeddings
-they do not occur in practice. Recalls are in percent. Computed in float32 numpy, in chunks
-of captions, so the M × N score matrix is never held at once.
+Ties: only strictly greater scores outrank (ties count in the query's favour, as in the
+CLIP-style evaluations: rank = the number of strictly better candidates). Ties are real, not
+hypothetical: datasets repeat captions across images ("A dog runs through the grass."),
+captions that differ only in characters the tokenizer drops become the same token ids, and
+duplicate images (or a collapsed quantizer) give equal image embeddings. For the rule to hold,
+equal inputs must get bit-identical scores, and a plain `txt @ img.T` does not give that: BLAS
+computes rows at different positions of a matrix product with different blockings, so two equal
+caption embeddings can score an image 1 ulp apart, and which of them "wins" then depends on the
+captions' order and the chunking. So each distinct embedding (caption or image) is scored once,
+and equal ones share that score; `evaluate_retrieval` also encodes each distinct token
+sequence once, so identical captions get identical embeddings whatever batch or device they
+would have landed on.
+
+Recalls are in percent. Computed in float32 numpy, in chunks of distinct captions, so the
+M × N score matrix is never held at once.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, caption_image
     caption_image: (M,) int, the gallery index of each caption's image; every image must own
       at least one caption.
     ks: the K values.
-    chunk: captions scored at once.
+    chunk: distinct captions scored at once.
   """
   img = np.asarray(image_embeds, np.float32)
   txt = np.asarray(text_embeds, np.float32)
@@ -51,18 +63,26 @@ def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, caption_image
   if len(np.unique(owner)) != n:
     raise ValueError("every gallery image needs at least one caption")
 
+  # Distinct embeddings, scored once each (module docstring: exact ties).
+  img_u, img_of = _distinct_rows(img)    # (U, D); gallery image -> distinct image
+  txt_u, txt_of = _distinct_rows(txt)    # (V, D); caption -> distinct caption
+  img_mult = np.bincount(img_of, minlength=len(img_u))  # gallery images per distinct image
+  txt_mult = np.bincount(txt_of, minlength=len(txt_u))  # captions per distinct caption
+  by_txt = np.argsort(txt_of, kind="stable")            # captions grouped by distinct caption
+  starts = np.searchsorted(txt_of[by_txt], np.arange(len(txt_u) + 1))
+
   t2i_rank = np.empty(m, np.int64)
   best = np.full(n, -np.inf, np.float32)  # s*_i
-  for s in range(0, m, chunk):
-    scores = txt[s:s + chunk] @ img.T                    # (c, N)
-    rows = np.arange(len(scores))
-    own = scores[rows, owner[s:s + chunk]]
-    t2i_rank[s:s + chunk] = np.sum(scores > own[:, None], axis=1)
-    np.maximum.at(best, owner[s:s + chunk], own)
+  for s in range(0, len(txt_u), chunk):
+    scores = txt_u[s:s + chunk] @ img_u.T                # (c, U)
+    caps = by_txt[starts[s]:starts[min(s + chunk, len(txt_u))]]  # the captions of this chunk
+    own = scores[txt_of[caps] - s, img_of[owner[caps]]]  # s(c, i_c)
+    t2i_rank[caps] = (scores[txt_of[caps] - s] > own[:, None]) @ img_mult
+    np.maximum.at(best, owner[caps], own)
   i2t_rank = np.zeros(n, np.int64)
-  for s in range(0, m, chunk):
-    scores = txt[s:s + chunk] @ img.T
-    i2t_rank += np.sum(scores > best[None, :], axis=0)
+  for s in range(0, len(txt_u), chunk):
+    scores = (txt_u[s:s + chunk] @ img_u.T)[:, img_of]  # (c, N), the same values as above
+    i2t_rank += txt_mult[s:s + chunk] @ (scores > best[None, :])
 
   out = {}
   for k in ks:
@@ -70,6 +90,12 @@ def recall_at_k(image_embeds: np.ndarray, text_embeds: np.ndarray, caption_image
   for k in ks:
     out[f"i2t_r{k}"] = 100.0 * float(np.mean(i2t_rank < k))
   return out
+
+
+def _distinct_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(distinct rows of x, index of each row of x among them): x == distinct[index]."""
+  distinct, index = np.unique(x, axis=0, return_inverse=True)
+  return distinct, index.reshape(-1)
 
 
 def gallery(image_keys: Sequence[str], pairs: Sequence[tuple[str, str]], lookup
@@ -118,7 +144,9 @@ def evaluate_retrieval(model, variables, tokenizer: text.SigLIPTokenizer, mesh,
   if not captions:
     raise ValueError("no evaluated image has a caption: check that the caption file's image "
                      "names match the data's file names")
-  txt = text.encode_texts(model, variables, tokenizer(captions), mesh, batch_size)
+  # Each distinct token sequence encoded once: identical captions, identical embeddings.
+  tokens, token_of = _distinct_rows(tokenizer(captions))
+  txt = text.encode_texts(model, variables, tokens, mesh, batch_size)[token_of]
   out = {path: recall_at_k(e[rows], txt, owner) for path, e in embeds.items()}
   out.update(num_images=int(len(rows)), num_captions=len(captions), **counts)
   return out

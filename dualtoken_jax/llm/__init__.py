@@ -1,8 +1,12 @@
-"""Gemma-style text decoder (Gemma 1/2/3): model, configs, generation (checkpoints: bridges/gemma_*).
+"""The text decoder family (Gemma 1/2/3, Qwen2/2.5, Llama 2/3): model, configs, generation
+(checkpoints: bridges/gemma_*).
 
-    from dualtoken_jax.llm import GemmaLM, get_config
-    lm = GemmaLM.from_hf("path/to/gemma-3-1b")
+    from dualtoken_jax.llm import DecoderLM, get_config
+    lm = DecoderLM.from_hf("path/to/Qwen2.5-3B")   # the family from config.json
     lm.generate(prompt_tokens, max_new_tokens=32)
+
+`GemmaLM` is the same class as `DecoderLM` (its Gemma name); `GemmaDecoder` (= `Decoder`) is the
+Linen module of every family.
 
 The pieces a multimodal model builds on: `GemmaDecoder` (`embed_tokens`, `transform` over
 embeddings with an attention mask, `compute_logits`), the mask helpers in `masks`
@@ -12,11 +16,16 @@ embeddings with an attention mask, `compute_logits`), the mask helpers in `masks
 from dualtoken_jax.llm.config import ConfigError
 from dualtoken_jax.llm.config import config_from_hf
 from dualtoken_jax.llm.config import config_to_hf
+from dualtoken_jax.llm.config import decoder_config
+from dualtoken_jax.llm.config import FAMILIES
 from dualtoken_jax.llm.config import gemma_config
 from dualtoken_jax.llm.config import get_config
 from dualtoken_jax.llm.config import VARIANTS
+from dualtoken_jax.llm.gemma import Decoder
 from dualtoken_jax.llm.gemma import GemmaDecoder
+from dualtoken_jax.llm.lm import DecoderLM
 from dualtoken_jax.llm.lm import GemmaLM
 
-__all__ = ["ConfigError", "GemmaDecoder", "GemmaLM", "VARIANTS", "config_from_hf",
-           "config_to_hf", "gemma_config", "get_config"]
+__all__ = ["ConfigError", "Decoder", "DecoderLM", "FAMILIES", "GemmaDecoder", "GemmaLM",
+           "VARIANTS", "config_from_hf", "config_to_hf", "decoder_config", "gemma_config",
+           "get_config"]

@@ -1,10 +1,13 @@
-"""Gemma attention: RMSNorm, RoPE, grouped-query attention with soft-cap, sliding window and an
-optional KV cache.
+"""Decoder attention: RMSNorm, RoPE, grouped-query attention with soft-cap, sliding window,
+optional q/k/v biases and an optional KV cache (Gemma, Qwen2, Llama: the differences are config
+data).
 
 Maths are pure functions (`rms_norm`, `apply_rope`, `dot_product_attention`); the Linen
 modules only own parameters, named as in the official Gemma Flax checkpoints
 (`attn/q_einsum/w` (N, D, H), `attn/kv_einsum/w` (2, K, D, H) or `attn/qkv_einsum/w`
-(3, N, D, H), `attn/attn_vec_einsum/w` (N, H, D), `attn/_query_norm`, `attn/_key_norm`).
+(3, N, D, H), `attn/attn_vec_einsum/w` (N, H, D), `attn/_query_norm`, `attn/_key_norm`);
+with `qkv_bias` the projections also hold `b`: `q_einsum/b` (N, H), `kv_einsum/b` (2, K, H),
+`qkv_einsum/b` (3, N, H).
 Per-layer choices that differ between layers (window, RoPE base and scale) are call arguments,
 not attributes, so a scanned stack feeds them as scan inputs without Python branches.
 """
@@ -25,21 +28,39 @@ NEG_INF = -2.3819763e38
 
 
 # ---------------------------------------------------------------- pure maths
-def rms_norm(x, scale, eps: float):
-  """Gemma RMSNorm in float32: x / rms(x) * (1 + scale); `scale` is stored as an offset from 1."""
+def rms_norm(x, scale, eps: float, offset: float = 1.0):
+  """RMSNorm in float32: x / rms(x) * (offset + scale). Gemma stores `scale` as an offset from
+  1 (offset 1); Qwen2 / Llama store the weight itself (offset 0)."""
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+  return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-def apply_rope(x, positions, base, scale=1.0):
-  """Rotary embedding on the two halves of the last axis (not interleaved pairs).
+def rope_inv_freq(h: int, base, llama3=None):
+  """(h/2,) float32 inverse frequencies base^(-2i/h), with Llama 3's frequency-dependent
+  scaling when `llama3` = (factor, low_freq_factor, high_freq_factor, original_context)."""
+  inv_freq = 1.0 / (jnp.asarray(base, jnp.float32) ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  if llama3 is None:
+    return inv_freq
+  factor, low, high, context = (float(v) for v in llama3)
+  wavelen = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelen > context / low, inv_freq / factor, inv_freq)
+  smooth = (context / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < context / high) & ~(wavelen > context / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, base, scale=1.0, llama3=None):
+  """Rotary embedding on the two halves of the last axis ("rotate half", not interleaved pairs;
+  the layout of Gemma, Qwen2 and Llama in HF).
 
   x: (B, T, N, H); positions: (B, T) int. `base` and `scale` may be traced scalars (per-layer
-  scan inputs); `scale` > 1 is linear position interpolation (Gemma 3 global layers).
+  scan inputs); `scale` > 1 is linear position interpolation (Gemma 3 global layers, Llama
+  "linear"); `llama3` is Llama 3's static frequency scaling (see `rope_inv_freq`).
   """
   h = x.shape[-1]
-  inv_freq = 1.0 / (jnp.asarray(base, jnp.float32) ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  inv_freq = rope_inv_freq(h, base, llama3)
   angle = positions.astype(jnp.float32)[..., None] * (inv_freq / scale)  # (B, T, H/2)
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -79,29 +100,41 @@ def fan_in_init(in_axis, out_axis, batch_axis=()):
 
 
 class RMSNorm(nn.Module):
-  """`scale` (features,), zero-initialised: the identity at init."""
+  """`scale` (features,), initialised to the identity (0 with Gemma's offset 1, else 1)."""
   eps: float = 1e-6
   param_dtype: Any = jnp.float32
+  offset: float = 1.0
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", P.boxed(nn.initializers.zeros, ("norm",)), (x.shape[-1],),
-                       self.param_dtype)
-    return rms_norm(x, scale, self.eps)
+    init = nn.initializers.constant(1.0 - self.offset)
+    scale = self.param("scale", P.boxed(init, ("norm",)), (x.shape[-1],), self.param_dtype)
+    return rms_norm(x, scale, self.eps, self.offset)
 
 
 class Einsum(nn.Module):
-  """A weight `w` of `shape` with logical axis `names`, applied by an einsum equation."""
+  """A weight `w` of `shape` with logical axis `names`, applied by an einsum equation; with
+  `bias_axes` (axes of `w` kept, e.g. heads and head_dim) also a zero-initialised bias `b`
+  added to the output."""
   shape: tuple[int, ...]
   names: tuple[str | None, ...]
   init: Any
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  bias_axes: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, eqn: str, x):
     w = self.param("w", P.boxed(self.init, self.names), self.shape, self.param_dtype)
-    return jnp.einsum(eqn, x, w.astype(self.dtype))
+    y = jnp.einsum(eqn, x, w.astype(self.dtype))
+    if self.bias_axes is None:
+      return y
+    axes = tuple(self.bias_axes)
+    b = self.param("b", P.boxed(nn.initializers.zeros, tuple(self.names[i] for i in axes)),
+                   tuple(self.shape[i] for i in axes), self.param_dtype)
+    w_spec, out_spec = eqn.split(",")[1].split("->")
+    letters = {w_spec[i]: self.shape[i] for i in axes}  # bias letters appear in out_spec in order
+    return y + b.astype(self.dtype).reshape([letters.get(l, 1) for l in out_spec])
 
 
 class Attention(nn.Module):
@@ -121,22 +154,24 @@ class Attention(nn.Module):
     c = self.config
     dtype, pdtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     d, n, kh, h = c.width, c.num_heads, c.num_kv_heads, c.head_dim
-    einsum = lambda shape, names, init, name: Einsum(shape, names, init, dtype, pdtype, name=name)
+    einsum = lambda shape, names, init, name, bias=None: Einsum(
+        shape, names, init, dtype, pdtype, bias if c.qkv_bias else None, name=name)
     if C.uses_qkv_einsum(c):
       qkv = einsum((3, n, d, h), (None, "heads", "embed", "kv"), fan_in_init(2, (1, 3), 0),
-                   "qkv_einsum")("btd,cndh->cbtnh", x)
+                   "qkv_einsum", (0, 1, 3))("btd,cndh->cbtnh", x)
       q, k, v = qkv[0], qkv[1], qkv[2]
     else:
       q = einsum((n, d, h), ("heads", "embed", "kv"), fan_in_init(1, (0, 2)),
-                 "q_einsum")("btd,ndh->btnh", x)
+                 "q_einsum", (0, 2))("btd,ndh->btnh", x)
       kv = einsum((2, kh, d, h), (None, "kv_heads", "embed", "kv"), fan_in_init(2, (1, 3), 0),
-                  "kv_einsum")("btd,ckdh->cbtkh", x)
+                  "kv_einsum", (0, 1, 3))("btd,ckdh->cbtkh", x)
       k, v = kv[0], kv[1]
     if c.qk_norm:
-      q = RMSNorm(c.norm_eps, pdtype, name="_query_norm")(q)
-      k = RMSNorm(c.norm_eps, pdtype, name="_key_norm")(k)
-    q = apply_rope(q, positions, rope_base, rope_scale)
-    k = apply_rope(k, positions, rope_base, rope_scale)
+      q = RMSNorm(c.norm_eps, pdtype, c.norm_offset, name="_query_norm")(q)
+      k = RMSNorm(c.norm_eps, pdtype, c.norm_offset, name="_key_norm")(k)
+    llama3 = None if c.rope_llama3 is None else tuple(c.rope_llama3)
+    q = apply_rope(q, positions, rope_base, rope_scale, llama3)
+    k = apply_rope(k, positions, rope_base, rope_scale, llama3)
     q = q * jnp.asarray(c.query_pre_attn_scalar ** -0.5, dtype)
 
     new_cache = None

@@ -1,4 +1,6 @@
-"""Gemma-style decoder (Gemma 1/2/3 text) in Linen, with the official checkpoints' names.
+"""The decoder (Gemma 1/2/3, Qwen2/2.5, Llama 2/3 text) in Linen, with the official Gemma
+checkpoints' names for every family (what differs between families is config data, see
+`config.FAMILY_DEFAULTS`: norm offset, embedding scaling, activation, q/k/v biases, tying, RoPE).
 
 Parameter tree (loop layout; `scan_layers=True` stores the blocks stacked on axis 0 under
 `layers/...`, big_vision's scan layout with the gm leaf names):
@@ -8,13 +10,17 @@ Parameter tree (loop layout; `scan_layers=True` stores the blocks stacked on axi
   layer_{i}/attn/...                    see attention.py
   layer_{i}/post_attention_norm/scale   (D,)         Gemma 2/3
   layer_{i}/pre_ffw_norm/scale          (D,)
-  layer_{i}/mlp/gating_einsum           (2, D, F)    GeGLU: gelu(x W[0]) * (x W[1])
+  layer_{i}/mlp/gating_einsum           (2, D, F)    act(x W[0]) * (x W[1]); GELU-tanh (GeGLU,
+                                                     Gemma) or SiLU (SwiGLU, Qwen2 / Llama)
   layer_{i}/mlp/linear                  (F, D)
   layer_{i}/post_ffw_norm/scale         (D,)         Gemma 2/3
   final_norm/scale                      (D,)
+  embedder/output_embedding             (V, D)       untied output table (`tie_embeddings=False`)
 
-Token embeddings are multiplied by sqrt(D) (cast to the activation dtype); embeddings passed in
-directly (`embedded_prefix`, e.g. projected image features) are not. The KV cache lives in the
+Norms multiply by `norm_offset + scale` (Gemma: 1 + scale; Qwen2 / Llama: scale). Token
+embeddings are multiplied by sqrt(D) where `scale_embeddings` (Gemma; cast to the activation
+dtype); embeddings passed in directly (`embedded_prefix`, e.g. projected image features) never
+are. The KV cache lives in the
 `cache` collection: `k`/`v` (L, B, S, K, H), the slots' token `positions` (B, S) and the write
 `index`. S, the fixed cache length, is the key axis of the mask given to the first (prefill)
 call. Every layer keeps all S slots (local layers mask by position instead of keeping only
@@ -52,8 +58,12 @@ def remat_policy(name: str):
   return None if attr is None else getattr(jax.checkpoint_policies, attr)
 
 
+ACTIVATIONS = {"gelu_tanh": lambda x: nn.gelu(x, approximate=True), "silu": nn.silu}
+
+
 class FeedForward(nn.Module):
-  """GeGLU MLP with `gating_einsum` (2, D, F) and `linear` (F, D) stored without a `/w` leaf."""
+  """Gated MLP (GeGLU or SwiGLU, `config.activation`) with `gating_einsum` (2, D, F) and
+  `linear` (F, D) stored without a `/w` leaf."""
   config: Any
 
   @nn.compact
@@ -65,41 +75,49 @@ class FeedForward(nn.Module):
     linear = self.param("linear", P.boxed(fan_in_init(0, 1), ("mlp", "embed")),
                         (c.mlp_dim, c.width), pdtype)
     gate = jnp.einsum("btd,cdf->cbtf", x, gating.astype(dtype))
-    hidden = nn.gelu(gate[0], approximate=True) * gate[1]
+    hidden = ACTIVATIONS[c.activation](gate[0]) * gate[1]
     return jnp.einsum("btf,fd->btd", hidden, linear.astype(dtype))
 
 
 class Embedder(nn.Module):
-  """The tied token table `input_embedding` (V, D): lookup (scaled) and output projection."""
+  """The token table `input_embedding` (V, D): lookup (scaled by sqrt(D) if `scale`) and output
+  projection, through the same table (tied) or `output_embedding` (V, D) (HF's lm_head)."""
   vocab_size: int
   width: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  scale: bool = True
+  tied: bool = True
 
   def setup(self):
-    self.input_embedding = self.param(
-        "input_embedding", P.boxed(nn.initializers.normal(self.width ** -0.5), ("vocab", "embed")),
+    table = lambda name: self.param(
+        name, P.boxed(nn.initializers.normal(self.width ** -0.5), ("vocab", "embed")),
         (self.vocab_size, self.width), self.param_dtype)
+    self.input_embedding = table("input_embedding")
+    self.output_embedding = self.input_embedding if self.tied else table("output_embedding")
 
   def encode(self, tokens):
     x = jnp.take(self.input_embedding, tokens, axis=0).astype(self.dtype)
+    if not self.scale:
+      return x
     return x * jnp.asarray(math.sqrt(self.width), self.dtype)
 
   def decode(self, x):
-    table = self.input_embedding.astype(self.dtype)
+    table = self.output_embedding.astype(self.dtype)
     return jnp.einsum("...d,vd->...v", x.astype(self.dtype), table,
                       preferred_element_type=jnp.float32)
 
 
 class Block(nn.Module):
-  """Pre-norm attention and GeGLU, each optionally post-normed (Gemma 2/3) before the residual."""
+  """Pre-norm attention and gated MLP, each optionally post-normed (Gemma 2/3) before the
+  residual."""
   config: Any
 
   @nn.compact
   def __call__(self, x, positions, k_positions, mask, schedule, kv_cache=None, cache_index=None):
     c = self.config
     pdtype = jnp.dtype(c.param_dtype)
-    norm = lambda name: RMSNorm(c.norm_eps, pdtype, name=name)
+    norm = lambda name: RMSNorm(c.norm_eps, pdtype, c.norm_offset, name=name)
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_emb"))
     y = norm("pre_attention_norm")(x)
     y, kv_cache = Attention(c, name="attn")(
@@ -122,7 +140,8 @@ class GemmaDecoder(nn.Module):
   def setup(self):
     c = self.config
     pdtype = jnp.dtype(c.param_dtype)
-    self.embedder = Embedder(c.vocab_size, c.width, jnp.dtype(c.dtype), pdtype)
+    self.embedder = Embedder(c.vocab_size, c.width, jnp.dtype(c.dtype), pdtype,
+                             c.scale_embeddings, c.tie_embeddings)
     if c.scan_layers:
       self.layers = self.param("layers", self._init_stacked)
     else:
@@ -131,15 +150,17 @@ class GemmaDecoder(nn.Module):
       if policy is not None:
         block = nn.remat(Block, policy=policy, prevent_cse=False)
       self.blocks = [block(c, name=f"layer_{i}") for i in range(c.depth)]
-    self.final_norm = RMSNorm(c.norm_eps, pdtype, name="final_norm")
+    self.final_norm = RMSNorm(c.norm_eps, pdtype, c.norm_offset, name="final_norm")
 
   # ---------------------------------------------------------------- public pieces
   def embed_tokens(self, tokens):
-    """int tokens (B, T) -> (B, T, D) embeddings * sqrt(D), in the activation dtype."""
+    """int tokens (B, T) -> (B, T, D) embeddings (* sqrt(D) where `scale_embeddings`), in the
+    activation dtype."""
     return self.embedder.encode(tokens)
 
   def compute_logits(self, pre_logits):
-    """(..., D) final-normed states -> float32 logits over the vocabulary (tied table)."""
+    """(..., D) final-normed states -> float32 logits over the vocabulary (the tied table or
+    `output_embedding`)."""
     logits = self.embedder.decode(pre_logits)
     cap = self.config.final_logit_softcap
     return logits if cap is None else jnp.tanh(logits / cap) * cap
@@ -266,3 +287,6 @@ class GemmaDecoder(nn.Module):
     layer = jax.tree.map(lambda a: jnp.asarray(a[0]), C.layer_schedule(c))
     init_one = lambda key: self._unbound_block().init(key, x, pos, pos, mask, layer)["params"]
     return P.add_layers_axis(jax.vmap(init_one)(jax.random.split(rng, c.depth)))
+
+
+Decoder = GemmaDecoder  # the same module for every family (Qwen2, Llama: config data)

@@ -1,8 +1,10 @@
-"""`GemmaLM`: a Gemma text decoder with its params, loaders, forward, generation and savers.
+"""`DecoderLM`: a text decoder (Gemma 1/2/3, Qwen2/2.5, Llama 2/3) with its params, loaders,
+forward, generation and savers. `GemmaLM` is the same class under its Gemma name.
 
-    lm = GemmaLM.from_hf(hf_dir)                 # HF Gemma / Gemma 2 / Gemma 3 checkpoint
-    lm = GemmaLM.from_orbax(path, config)        # official Gemma Flax/Orbax checkpoint
-    lm = GemmaLM.from_pretrained(path)           # what `lm.save(path)` wrote
+    lm = DecoderLM.from_hf(hf_dir)               # HF Gemma 1/2/3, Qwen2/2.5 or Llama checkpoint
+    lm = DecoderLM.from_orbax(path, config)      # official Gemma Flax/Orbax checkpoint
+    lm = DecoderLM.from_big_vision(npz, config)  # PaliGemma / big_vision `.npz` (its LLM)
+    lm = DecoderLM.from_pretrained(path)         # what `lm.save(path)` wrote
     lm.logits(tokens)                            # (B, T, V) float32, causal
     lm.generate(prompt, max_new_tokens=32, temperature=0.7, top_p=0.95, seed=1)
     lm.save(path); lm.export_hf(path); lm.export_orbax(path)
@@ -26,6 +28,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from dualtoken_jax.bridges import gemma_bigvision
 from dualtoken_jax.bridges import gemma_hf
 from dualtoken_jax.bridges import gemma_orbax
 from dualtoken_jax.bridges import layout as param_layout
@@ -47,7 +50,7 @@ def _forward(model: GemmaDecoder, params, tokens, input_mask, return_hidden: boo
   return model.apply({"params": params}, tokens, positions, attn_mask, return_hidden=return_hidden)
 
 
-class GemmaLM:
+class DecoderLM:
   """A decoder config, its params (a nested dict of jax arrays) and the mesh they live on.
 
   The params must be the config's tree (names and shapes, in its `scan_layers` layout), or
@@ -57,7 +60,7 @@ class GemmaLM:
   def __init__(self, config: ml_collections.ConfigDict, params: Any, mesh: Mesh | None = None,
                rules: Sequence[tuple[str, Any]] = S.DEFAULT_RULES):
     C.validate(config)
-    check_tree(param_layout.flatten(params), S.param_shapes(config), "GemmaLM params",
+    check_tree(param_layout.flatten(params), S.param_shapes(config), "DecoderLM params",
                labels=("params", "config"))
     self.config = config
     self.params = params
@@ -74,7 +77,8 @@ class GemmaLM:
   @classmethod
   def from_hf(cls, path: str | Path, *, mesh: Mesh | None = None, rules=S.DEFAULT_RULES,
               **overrides):
-    """A HF checkpoint directory (config.json + model.safetensors or a sharded index).
+    """A HF checkpoint directory (config.json + model.safetensors or a sharded index); the
+    family (Gemma 1/2/3, Qwen2/2.5, Llama 2/3) comes from its `model_type` / `architectures`.
 
     `overrides` set config fields, e.g. dtype="bfloat16", scan_layers=True. Params are cast
     to `param_dtype` (float32 unless overridden, whatever the file stores). The weights pass
@@ -89,6 +93,13 @@ class GemmaLM:
     """An official Gemma Flax checkpoint (FLAT, STACKED or NESTED), restored into shardings.
     `seed` initialises embedding rows for tokens the checkpoint lacks."""
     return cls(config, gemma_orbax.load(path, config, mesh, rules, seed), mesh, rules)
+
+  @classmethod
+  def from_big_vision(cls, path: str | Path, config, *, mesh: Mesh | None = None,
+                      rules=S.DEFAULT_RULES):
+    """The LLM of a PaliGemma / big_vision `.npz` (`params/llm/...`, stacked layers), strictly;
+    `config` gives the architecture (e.g. `get_config("gemma_2b", vocab_size=257_152)`)."""
+    return cls(config, gemma_bigvision.load(path, config, mesh, rules), mesh, rules)
 
   @classmethod
   def from_pretrained(cls, path: str | Path, *, mesh: Mesh | None = None, rules=S.DEFAULT_RULES,
@@ -171,6 +182,9 @@ class GemmaLM:
                           else multihost_utils.process_allgather(v, tiled=True))
             for k, v in param_layout.flatten(self.params).items()}
     return param_layout.to_loop(flat) if param_layout.is_scanned(flat) else flat
+
+
+GemmaLM = DecoderLM  # the Gemma name of the same class
 
 
 def relayout(params, config, mesh: Mesh | None = None, rules=S.DEFAULT_RULES):

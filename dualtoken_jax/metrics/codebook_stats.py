@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualtoken_jax.bridges import tensor_files
+
 _FORMAT = "dualtoken_jax.code_histogram.v1"
 STAT_NAMES = ("num_tokens", "codes_used", "dead_codes", "usage_fraction", "entropy_bits",
               "normalized_entropy", "perplexity", "kl_to_uniform_nats")
@@ -113,20 +115,11 @@ class CodeHistogram:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes an `.npz`; written to a temporary name, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-      np.savez(f, format=np.array(_FORMAT), counts=self.counts)
-    os.replace(tmp, path)
+    tensor_files.write_npz(path, {"format": np.array(_FORMAT), "counts": self.counts})
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "CodeHistogram":
-    with np.load(path, allow_pickle=False) as f:
-      if "format" not in f.files or str(f["format"]) != _FORMAT:
-        raise ValueError(f"{path} is not a CodeHistogram file (expected the key 'format' = "
-                         f"{_FORMAT!r})")
-      counts = np.asarray(f["counts"])
+    counts = np.asarray(tensor_files.read_tagged_npz(path, _FORMAT, "a CodeHistogram file")["counts"])
     if counts.ndim != 2 or counts.dtype != np.int64:
       raise ValueError(f"{path}: counts must be int64 (D, K), got {counts.dtype} {counts.shape}")
     return cls(counts)

@@ -20,11 +20,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import scipy.linalg
+
+from dualtoken_jax.bridges import tensor_files
 
 _FORMAT = "dualtoken_jax.gaussian_stats.v1"
 
@@ -101,23 +102,16 @@ class GaussianStats:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes an `.npz` (count, total, outer); written to a temporary name, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-      np.savez(f, format=np.array(_FORMAT), count=np.array(self.count, np.int64),
-               total=self.total, outer=self.outer)
-    os.replace(tmp, path)
+    tensor_files.write_npz(path, {"format": np.array(_FORMAT), "count": np.array(self.count, np.int64),
+                                  "total": self.total, "outer": self.outer})
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "GaussianStats":
     """Reads a file written by `save`."""
-    with np.load(path, allow_pickle=False) as f:
-      if "format" not in f.files or str(f["format"]) != _FORMAT:
-        raise ValueError(f"{path} is not a GaussianStats file (expected the key 'format' = "
-                         f"{_FORMAT!r}; for pytorch-fid style mu/sigma files use load_mu_sigma)")
-      stats = cls(int(f["count"]), np.asarray(f["total"], np.float64),
-                  np.asarray(f["outer"], np.float64))
+    f = tensor_files.read_tagged_npz(path, _FORMAT, "a GaussianStats file",
+                                     "; for pytorch-fid style mu/sigma files use load_mu_sigma")
+    stats = cls(int(f["count"]), np.asarray(f["total"], np.float64),
+                np.asarray(f["outer"], np.float64))
     d = stats.total.shape
     if len(d) != 1 or stats.outer.shape != d * 2:
       raise ValueError(f"{path}: inconsistent shapes total {stats.total.shape}, "

@@ -2,11 +2,14 @@
 
 An experiment config (`training_config`) holds:
 
-  model       the network: `llm` (a Gemma decoder config, `dualtoken_jax.llm.config`),
+  model       the network: `llm` (a decoder config, `dualtoken_jax.llm.config`: Gemma,
+              Qwen2 / Qwen2.5 or Llama),
               `tokenizer` (a DualToken tokenizer config, `dualtoken_jax.models.config`),
               `visual_vector` ("code_embeddings" | "postquant"), `projector`, `attention`
               ("causal" | "prefix_lm") and `special_tokens` (ordered [name, piece] pairs).
-  text        the SentencePiece model file and the conversation template.
+  text        the text tokenizer file (`tokenizer`: a SentencePiece `.model` or a HF
+              `tokenizer.json`; `spm_model` is its older name) and the conversation
+              template (the LLM family's own chat format, `TEMPLATES`).
   data, eval  LLaVA-style conversation files (train / held-out), image root, optional
               pre-computed codes, sequence length.
   init        where weights come from: the tokenizer, the LLM (HF or official Orbax), or a
@@ -23,8 +26,11 @@ stage's workdir (`init.mllm`) and freezing is only a matter of regexes.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
+from dualtoken_jax import config_files
 from dualtoken_jax.models import config as tokenizer_config
 from dualtoken_jax.parallel import sharding
 from dualtoken_jax.llm import config as llm_config
@@ -40,10 +46,34 @@ DEFAULT_SPECIAL_TOKENS = ((IMAGE_START, "<start_of_image>"), (IMAGE_END, "<end_o
 # Gemma's chat format (the model turn's <end_of_turn> is scored, so the model learns to stop).
 GEMMA_TEMPLATE = dict(user="<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n",
                       model="{text}<end_of_turn>\n", append_eos=False)
+# Each family's chat format, as data. Beyond user/model/append_eos: `add_bos` (start with BOS),
+# `prefix` (text after it, e.g. a system turn), and the pieces of BOS / EOS / pad ("" = the
+# tokenizer's own: SentencePiece states them, a HF tokenizer.json does not).
+_TEMPLATE_DEFAULTS = dict(add_bos=True, prefix="", bos="", eos="", pad="")
+TEMPLATES = {
+    "gemma": dict(_TEMPLATE_DEFAULTS, **GEMMA_TEMPLATE),
+    # Qwen2 / Qwen2.5 ChatML: no BOS; <|im_end|> ends a turn (scored).
+    "chatml": dict(_TEMPLATE_DEFAULTS,
+                   user="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+                   model="{text}<|im_end|>\n", append_eos=False, add_bos=False,
+                   prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+                   bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>"),
+    # Llama 2 chat: <s>[INST] user [/INST] answer </s> (EOS appended to each answer).
+    "llama2": dict(_TEMPLATE_DEFAULTS, user="[INST] {text} [/INST]", model=" {text} ",
+                   append_eos=True),
+    # Llama 3 header tokens; <|eot_id|> ends a turn (scored).
+    "llama3": dict(_TEMPLATE_DEFAULTS,
+                   user="<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                   model="{text}<|eot_id|>", append_eos=False, bos="<|begin_of_text|>",
+                   eos="<|eot_id|>", pad="<|end_of_text|>"),
+}
+# The template of each decoder family (Llama 3 variants: `template_for`).
+_FAMILY_TEMPLATE = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "qwen2": "chatml",
+                    "llama": "llama2"}
 
 
-class ConfigError(ValueError):
-  """An MLLM config that cannot describe a working model."""
+ConfigError = tokenizer_config.ConfigError  # the project's one config error
 
 
 def heads_config(*, width: int = 0, num_heads: int = 0, num_layers: int = 3, mlp_ratio: int = 4,
@@ -89,21 +119,72 @@ _FAMILY_TOKENS = {
                (GEN_START, "<unused2>"), (GEN_END, "<unused3>")),
     "gemma3": ((IMAGE_START, "<start_of_image>"), (IMAGE_END, "<end_of_image>"),
                (GEN_START, "<unused0>"), (GEN_END, "<unused1>")),
+    # Qwen2.5's own vision delimiters; the generation ones are appended after the tokenizer's
+    # 151,665 ids, inside the embedding table's padding rows (151,936 / 152,064): no growth.
+    "qwen2": ((IMAGE_START, "<|vision_start|>"), (IMAGE_END, "<|vision_end|>"),
+              (GEN_START, "<|image_gen_start|>"), (GEN_END, "<|image_gen_end|>")),
+    # Llama 2's SentencePiece has no spare pieces: four appended rows (`_APPENDED_ROWS`).
+    "llama": DEFAULT_SPECIAL_TOKENS,
 }
-_END_OF_TURN = {"gemma": 107, "gemma2": 107, "gemma3": 106}
+_LLAMA3_TOKENS = tuple((name, f"<|reserved_special_token_{i}|>")
+                       for i, name in enumerate((IMAGE_START, IMAGE_END, GEN_START, GEN_END)))
+# Per family: the ids that end a chat answer (end of turn, EOS), None = the variant's own.
+_END_OF_TURN = {"gemma": (1, 107), "gemma2": (1, 107), "gemma3": (1, 106), "qwen2": None,
+                "llama": None}
+
+
+def special_tokens_for(llm_variant: str, family: str) -> tuple:
+  """The [name, piece] special tokens of a decoder variant (its reserved pieces where it has
+  them: Gemma's unused rows, Qwen2.5's vision tokens, Llama 3's reserved tokens)."""
+  if template_for(llm_variant, family) == "llama3":
+    return _LLAMA3_TOKENS
+  return _FAMILY_TOKENS[family]
+
+
+def template_for(llm_variant: str, family: str) -> str:
+  """The name (in `TEMPLATES`) of a decoder variant's chat format."""
+  return "llama3" if llm_variant.startswith("llama3") else _FAMILY_TEMPLATE[family]
 
 
 def paper_model(llm_variant: str, tokenizer_spec: str, **kwargs) -> ml_collections.ConfigDict:
-  """A released Gemma decoder (bf16 compute, fp32 weights, scanned and rematerialised layers)
-  on a DualToken tokenizer config file (its text tower dropped: the MLLM never runs it)."""
+  """A released decoder (Gemma, Qwen2.5 or Llama; bf16 compute, fp32 weights, scanned and
+  rematerialised layers) on a DualToken tokenizer config file (its text tower dropped: the
+  MLLM never runs it). Special tokens reuse the family's reserved pieces where it has them;
+  a vocabulary without spare rows (Llama 2) grows by the appended ones."""
   from dualtoken_jax import config_files  # pylint: disable=g-import-not-at-top
   llm = llm_config.get_config(llm_variant, dtype="bfloat16", scan_layers=True,
                               remat_policy="full")
-  llm.eos_ids = (1, _END_OF_TURN[llm.family])
+  if _END_OF_TURN[llm.family] is not None:
+    llm.eos_ids = _END_OF_TURN[llm.family]
   tokenizer = config_files.model_of(config_files.load(tokenizer_spec))
   tokenizer.text = None
-  kwargs.setdefault("special_tokens", _FAMILY_TOKENS[llm.family])
+  kwargs.setdefault("special_tokens", special_tokens_for(llm_variant, llm.family))
+  if llm.family == "llama" and template_for(llm_variant, llm.family) == "llama2":
+    # Llama 2: 32,000 pieces, no reserved ones: the table grows by the appended tokens.
+    llm.vocab_size += len(kwargs["special_tokens"])
   return model_config(llm, tokenizer, **kwargs)
+
+
+# The args every paper-stage config file takes (`configs/mllm_*.py:llm=…,tokenizer=…`).
+PAPER_ARGS = dict(llm="gemma2_2b", tokenizer="dualtoken_siglip_l16", visual="code_embeddings",
+                  attention="causal", head_width=0)
+
+
+def paper_stage(arg: str | None, stage: str, *, total_steps: int, max_len: int, batch_size=None,
+                **more_args) -> ml_collections.ConfigDict:
+  """The experiment config of one paper stage from a config file's `arg` string:
+  llm (a `dualtoken_jax.llm` variant), tokenizer (a tokenizer config file), visual
+  (code_embeddings | postquant), attention (causal | prefix_lm), head_width (0 = the LLM width),
+  plus `more_args` (name=default) for the file's own. `batch_size` may be a function of the args."""
+  from dualtoken_jax import config_files  # pylint: disable=g-import-not-at-top
+  arg = config_files.parse_arg(arg, **PAPER_ARGS, **more_args)
+  model = paper_model(arg.llm, arg.tokenizer, visual_vector=arg.visual, attention=arg.attention,
+                      heads=heads_config(width=arg.head_width))
+  extra = {} if batch_size is None else {"batch_size": batch_size(arg)}
+  c = training_config(model, stage=stage, total_steps=total_steps, **extra)
+  c.text.template = dict(TEMPLATES[template_for(arg.llm, model.llm.family)])
+  c.data.max_len = max_len
+  return c
 
 
 def validate_model(config) -> None:
@@ -165,15 +246,32 @@ def head_count(config) -> int:
   return config.heads.num_heads or max(head_width(config) // 128, 1)
 
 
-def text_config(spm_model: str = "", template=None) -> ml_collections.ConfigDict:
-  """SentencePiece model file (user-supplied) and conversation template.
+def text_config(spm_model: str = "", template=None,
+                tokenizer: str = "") -> ml_collections.ConfigDict:
+  """The text tokenizer file (user-supplied: a SentencePiece `.model` or a HF `tokenizer.json`,
+  in `tokenizer`; `spm_model` is the older name of the same field) and conversation template.
 
   Template: `user` and `model` are format strings around each turn's `{text}`; the prompt of
   a model turn is everything up to it, and the model turn's formatted text (plus EOS when
-  `append_eos`) is what the loss scores.
+  `append_eos`) is what the loss scores. See `TEMPLATES` for the other fields.
   """
-  return ml_collections.ConfigDict(dict(spm_model=spm_model,
-                                        template=dict(template or GEMMA_TEMPLATE)))
+  return ml_collections.ConfigDict(dict(
+      tokenizer=tokenizer, spm_model=spm_model,
+      template=dict(_TEMPLATE_DEFAULTS, **(template or GEMMA_TEMPLATE))))
+
+
+def tokenizer_path(text) -> str:
+  """The tokenizer file of a `text` config: `tokenizer`, else the older `spm_model`."""
+  path = text.get("tokenizer", "") or text.get("spm_model", "")
+  if not path:
+    raise ConfigError("config.text.tokenizer must name the text tokenizer file (a SentencePiece "
+                      ".model or a HF tokenizer.json)")
+  return path
+
+
+def template_pieces(template) -> dict[str, str]:
+  """role -> piece of BOS / EOS / pad a template names ("" = the tokenizer's own)."""
+  return {role: str(template.get(role, "") or "") for role in ("bos", "eos", "pad")}
 
 
 # Per stage (paper Table "hyper_params"): (trainable regexes, lr, batch size, share of
@@ -205,7 +303,7 @@ def training_config(model: ml_collections.ConfigDict, *, stage: str = "sft",
   c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]
   c.distributed = False
 
-  c.text = text_config()
+  c.text = text_config(template=TEMPLATES[_FAMILY_TEMPLATE[model.llm.family]])
   c.data = dict(
       train="",          # understanding: LLaVA JSON list or JSONL {"image", "conversations"}
       captions="",       # generation: JSON/JSONL {"image", "caption"} or webdataset .tar shards
@@ -223,7 +321,7 @@ def training_config(model: ml_collections.ConfigDict, *, stage: str = "sft",
   c.init = dict(
       tokenizer="",          # a DualTokenizer.save dir or a `train` workdir ("" = random)
       tokenizer_seed=0,
-      llm_hf="",             # a HF Gemma checkpoint dir, or
+      llm_hf="",             # a HF checkpoint dir (Gemma, Qwen2 / Qwen2.5, Llama), or
       llm_orbax="",          # an official Gemma Flax/Orbax checkpoint
       mllm="")               # a previous stage's workdir (its newest checkpoint's params)
 
@@ -232,18 +330,62 @@ def training_config(model: ml_collections.ConfigDict, *, stage: str = "sft",
   c.optimizer = dict(lr=lr or stage_lr, b1=0.9, b2=0.999, eps=1e-8,
                      weight_decay=0.0, warmup_steps=max(total_steps // 33, 1),
                      grad_clip_norm=1.0)
-  c.checkpoint = dict(every_steps=1000, keep=3, async_save=True)
+  c.checkpoint = dict(every_steps=1000, keep=3, async_save=True,
+                      checksums=False)  # sha256 manifests per step (slower saves; checkpoints.py)
   c.log_every_steps = 50
   c.max_consecutive_nonfinite = 20
   c.demo = False  # configs/demo_mllm_cpu.py: build the bundled-photo data set, report at the end
+  # The stage the stage-derived fields were built for (do not set): `validate` re-derives them
+  # when `stage` was overridden since (`apply_stage`).
+  c.derived_from = dict(stage=stage)
   return c
 
 
+def stage_fields(stage: str) -> dict:
+  """The fields `stage` decides (dotted path -> value), as `training_config` sets them."""
+  trainable, lr, batch, generation_share = STAGE_RECIPES[stage]
+  return {"trainable": list(trainable), "optimizer.lr": lr, "batch_size": batch,
+          "data.generation_share": generation_share}
+
+
+def apply_stage(config) -> list[str]:
+  """After `--config.stage=...`: the stage-derived fields (trainable, optimizer.lr, batch_size,
+  data.generation_share) that still hold the old stage's values follow the new stage; any set
+  to another value (by the config file or an override) is kept. In place; returns the paths
+  changed. The same rule as the tokenizer recipe's (`tokenizer_training.recipe.apply_stage`)."""
+  if config.stage not in STAGES:
+    raise ConfigError(f"stage must be one of {STAGES}, got {config.stage!r}")
+  if "derived_from" not in config or config.derived_from.stage == config.stage:
+    return []
+  changed = config_files.rederive(config, stage_fields(config.derived_from.stage),
+                                  stage_fields(config.stage))
+  config.derived_from.stage = config.stage
+  return changed
+
+
 def validate(config) -> None:
-  """Checks an experiment config before anything is built."""
+  """Checks an experiment config before anything is built (after re-deriving the stage's
+  fields, `apply_stage`), raising ConfigError naming the field."""
+  apply_stage(config)
   validate_model(config.model)
-  if not config.text.spm_model:
-    raise ConfigError("config.text.spm_model must name a SentencePiece model file")
+  config_files.check_positive_ints(config, "total_steps", "batch_size", "log_every_steps",
+                                   "checkpoint.every_steps", "checkpoint.keep", "eval.every_steps",
+                                   "max_consecutive_nonfinite")
+  config_files.check_optimizer(config, "optimizer")
+  if not 0 <= config.stop_at_step <= config.total_steps:
+    raise ConfigError(f"stop_at_step {config.stop_at_step} must be in [0, total_steps="
+                      f"{config.total_steps}]")
+  for name, weight in config.loss.items():
+    if not (math.isfinite(weight) and weight >= 0):
+      raise ConfigError(f"loss.{name} must be finite and >= 0, got {weight}")
+  if config.eval.batch_size < 0:
+    raise ConfigError(f"eval.batch_size must be >= 0 (0 = the training batch), got "
+                      f"{config.eval.batch_size}")
+  tokenizer_path(config.text)
+  both = config.text.get("tokenizer", ""), config.text.get("spm_model", "")
+  if all(both) and both[0] != both[1]:
+    raise ConfigError(f"config.text.tokenizer {both[0]!r} and config.text.spm_model {both[1]!r} "
+                      "name different files; set one")
   t = config.text.template
   for name in ("user", "model"):
     if "{text}" not in t[name]:
@@ -258,10 +400,11 @@ def validate(config) -> None:
   if config.data.max_len < n + 4:
     raise ConfigError(f"config.data.max_len {config.data.max_len} cannot hold an image "
                       f"({n} positions) plus its delimiters and text")
-  if config.batch_size < 1:
-    raise ConfigError(f"batch_size must be >= 1, got {config.batch_size}")
   if config.init.llm_hf and config.init.llm_orbax:
     raise ConfigError("set at most one of config.init.llm_hf and config.init.llm_orbax")
+  if config.init.llm_orbax and config.model.llm.family not in llm_config.GEMMA_FAMILIES:
+    raise ConfigError(f"config.init.llm_orbax reads official Gemma checkpoints only; a "
+                      f"{config.model.llm.family} decoder loads from config.init.llm_hf")
 
 
 def from_dict(d) -> ml_collections.ConfigDict:

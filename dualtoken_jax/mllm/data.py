@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -57,8 +56,15 @@ class ConversationSource:
     self._items: list[bytes] | None = None
     self._offsets: np.ndarray | None = None
     if head.startswith(b"["):
-      with open(self._path, encoding="utf-8") as f:
-        data = json.load(f)
+      try:
+        with open(self._path, encoding="utf-8") as f:
+          data = json.load(f)
+      except json.JSONDecodeError as e:  # one unreadable list: nothing to skip, name the spot
+        raise ValueError(f"{self._path}: invalid JSON at line {e.lineno}, column {e.colno}: "
+                         f"{e.msg} (a LLaVA JSON list; or use JSONL, one record per line, "
+                         "where a bad line is skipped and counted)") from e
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{self._path}: not UTF-8 text (byte {e.start}): {e.reason}") from e
       self._items = [json.dumps(item).encode() for item in data]
     else:
       offsets, pos = [], 0
@@ -120,10 +126,8 @@ class CodeTable:
         keys = [str(k) for k in f["keys"]]
     else:
       from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
-      files = sorted(Path(self._path).glob("*.array_record")) if os.path.isdir(self._path) else []
-      if not files:
-        raise FileNotFoundError(f"no .npz or *.array_record code shards at {self._path}")
-      self._source = array_record_data_source.ArrayRecordDataSource([str(f) for f in files])
+      self._source = array_record_data_source.ArrayRecordDataSource(
+          code_shards.shard_files(self._path))  # checked against the directory's manifest
       keys = [r["key"] for r in code_shards.read(self._path)]
     self._index = {os.path.normpath(k): i for i, k in enumerate(keys)}
 
@@ -192,8 +196,7 @@ class PrepareExample(grain.transforms.Map):
       try:
         data = record.get("image_bytes")
         if data is None:
-          with open(path, "rb") as f:
-            data = f.read()
+          data = decode.read_image_file(path)
         pil = decode.decode_image(data)
       except OSError as e:
         return records.read_failure(key, e)

@@ -22,7 +22,7 @@ import numpy as np
 
 from dualtoken_jax.parallel import sharding
 from dualtoken_jax.data.transforms import load_image
-from dualtoken_jax.llm import GemmaLM
+from dualtoken_jax.llm import DecoderLM
 from dualtoken_jax.llm import decoding, masks, sampling
 from dualtoken_jax.mllm import config as C
 from dualtoken_jax.mllm import generation
@@ -30,10 +30,12 @@ from dualtoken_jax.mllm import model as M
 from dualtoken_jax.mllm import projector as V
 from dualtoken_jax.mllm import sequence
 from dualtoken_jax.mllm import state as S
+from dualtoken_jax.mllm import text_tokenizers
 from dualtoken_jax.training import checkpoints
 from dualtoken_jax.training import state as T
 
-SPM_FILE = "sentencepiece.model"  # written into the workdir by train_mllm
+# The tokenizer copy train_mllm writes into the workdir, per kind (SentencePiece's name kept).
+SPM_FILE = text_tokenizers.WORKDIR_FILES[text_tokenizers.SENTENCEPIECE]
 
 
 class UnifiedModel:
@@ -52,22 +54,24 @@ class UnifiedModel:
 
   @classmethod
   def from_checkpoint(cls, path: str | Path, spm_model: str | Path | None = None,
-                      mesh=None) -> "UnifiedModel":
+                      mesh=None, *, tokenizer: str | Path | None = None) -> "UnifiedModel":
     """The newest checkpoint of a train_mllm workdir (or one step directory). Only params and
-    tokenizer are read (not the optimiser state). The SentencePiece model is `spm_model`, else
-    the run's copy in the workdir, else the path in the config."""
-    step_dir = checkpoints.latest_step_dir(path)
-    config = C.from_dict(checkpoints.read_meta(step_dir)["config"])
+    tokenizer are read (not the optimiser state). The text tokenizer (a SentencePiece model or
+    a HF tokenizer.json) is `tokenizer` (`spm_model`, its older name), else the run's copy in
+    the workdir, else the path in the config."""
+    step_dir, config = checkpoints.read_run(path, "mllm")
+    config = C.from_dict(config)
     mesh = mesh or sharding.single_device_mesh()
     restored = S.restore_weights(step_dir, T.state_layout(S.Modules(config), mesh))
-    workdir_copy = step_dir.parent.parent / SPM_FILE
-    spm = spm_model or (workdir_copy if workdir_copy.is_file() else config.text.spm_model)
-    vocab = sequence.Vocabulary.load(spm, config.model.special_tokens)
+    workdir_copy = text_tokenizers.workdir_file(step_dir.parent.parent)
+    text_file = tokenizer or spm_model or workdir_copy or C.tokenizer_path(config.text)
+    vocab = sequence.Vocabulary.load(text_file, config.model.special_tokens,
+                                     C.template_pieces(config.text.template))
     return cls(config, restored["params"], restored["tokenizer"], vocab)
 
-  def llm(self) -> GemmaLM:
-    """The decoder part as a `GemmaLM` (for `export_hf` / `export_orbax` / text generation)."""
-    return GemmaLM(self.config.model.llm, self.params["llm"])
+  def llm(self) -> DecoderLM:
+    """The decoder part as a `DecoderLM` (for `export_hf` / `export_orbax` / text generation)."""
+    return DecoderLM(self.config.model.llm, self.params["llm"])
 
   def answer(self, prompt: str, image=None, *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

@@ -4,16 +4,21 @@ Layout of one example (right-padded to `max_len`):
 
   <bos> user-turn(... <image_start> [N image positions] <image_end> ...) model-turn <eos>? ...
 
-* Text comes from a SentencePiece model file. Special tokens are pieces (`<start_of_image>`,
-  ...): a piece the model already has keeps its id (Gemma 3's image delimiters, Gemma's
-  `<unusedK>` rows), any other is appended after the SentencePiece vocabulary, in config order,
-  so new embedding rows get initialised when an LLM checkpoint is loaded.
+* Text comes from a tokenizer file of either kind (`text_tokenizers`): a SentencePiece model
+  (Gemma, Llama 2) or a HF `tokenizer.json` (Qwen2.5, Llama 3). Special tokens are pieces
+  (`<start_of_image>`, ...): a piece the tokenizer already has keeps its id (Gemma 3's image
+  delimiters, Gemma's `<unusedK>` rows, Qwen2.5's `<|vision_start|>`, Llama 3's reserved
+  tokens), any other is appended after its vocabulary, in config order, so new embedding rows
+  get initialised when an LLM checkpoint is loaded (or reuse a table's padding rows).
 * Conversations are LLaVA's layout: `{"image": path, "conversations": [{"from": "human",
   "value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}, ...]}`. The image block
   replaces the `<image>` marker; a sample with an image but no marker gets "<image>\\n" in
   front of its first human turn (what LLaVA's preprocessing does), in training and in chat.
-* Turns are formatted by the template (`user`/`model` strings around `{text}`). Only model
-  turns are scored: `loss_mask[t]` is True when token t is a target, predicted at t - 1.
+* Turns are formatted by the template (`user`/`model` strings around `{text}`; the family's
+  own chat format, `mllm.config.TEMPLATES`). Every sequence starts with BOS (unless the
+  template's `add_bos` is false, as in Qwen's ChatML) and the template's `prefix` (e.g. a
+  system turn). Only model turns are scored: `loss_mask[t]` is True when token t is a target,
+  predicted at t - 1.
 * Attention: `mask_ar` in PaliGemma's convention (`llm.masks.make_attn_mask`). "causal" sets
   1 everywhere; "prefix_lm" sets 0 up to the first scored token (image and first prompt see
   each other) and 1 from there on, so answers and later turns stay causal.
@@ -32,15 +37,14 @@ Image positions hold the pad id in `tokens`; the model puts projected visual vec
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import sentencepiece as spm
 
 from dualtoken_jax.data import records
 from dualtoken_jax.mllm import config as mllm_config
+from dualtoken_jax.mllm import text_tokenizers
 
 # Why an MLLM sample is skipped: the image reasons plus the MLLM's own (`SkipExample.reason`
 # is one of these; the codes ones come from `data.PrepareExample`).
@@ -60,66 +64,99 @@ class SkipExample(ValueError):
 
 
 # ---------------------------------------------------------------- vocabulary
-class Vocabulary:
-  """A SentencePiece model plus the special tokens, with the ids the LLM must agree on."""
+_KIND_NAMES = {text_tokenizers.SENTENCEPIECE: "SentencePiece",
+               text_tokenizers.HF_TOKENIZER: "HF tokenizer"}
 
-  def __init__(self, model_proto: bytes, special_tokens: Sequence[Sequence[str]]):
-    self._proto = model_proto
-    sp = self.processor
-    self.num_pieces = sp.get_piece_size()
+
+class Vocabulary:
+  """A text tokenizer (SentencePiece or HF `tokenizer.json`) plus the special tokens, with the
+  ids the LLM must agree on.
+
+  `pieces` (role -> piece, from the template's `bos` / `eos` / `pad`; "" = the tokenizer's own)
+  name the BOS, EOS and pad pieces: a SentencePiece model states its own, a HF tokenizer.json
+  does not (its family's template names them). The pad id defaults to 0 (SentencePiece) or EOS.
+  """
+
+  def __init__(self, model_proto: bytes, special_tokens: Sequence[Sequence[str]],
+               kind: str = text_tokenizers.SENTENCEPIECE, pieces: Mapping[str, str] | None = None):
+    if kind not in text_tokenizers.BACKENDS:
+      raise ValueError(f"tokenizer kind {kind!r} is not one of {text_tokenizers.KINDS}")
+    self.kind = kind
+    self._text = text_tokenizers.BACKENDS[kind](model_proto)
+    self.num_pieces = self._text.size
     self.special: dict[str, int] = {}
     appended = 0
     for name, piece in special_tokens:
-      found = sp.piece_to_id(piece)
-      if found == sp.unk_id() and piece != sp.id_to_piece(sp.unk_id()):
+      found = self._text.piece_id(piece)
+      if found is None:
         found = self.num_pieces + appended
         appended += 1
       self.special[name] = int(found)
     self.size = self.num_pieces + appended
-    self.bos_id, self.eos_id = sp.bos_id(), sp.eos_id()
-    self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else 0
-    if self.bos_id < 0 or self.eos_id < 0:
-      raise ValueError(f"the SentencePiece model needs BOS and EOS pieces (bos_id "
-                       f"{self.bos_id}, eos_id {self.eos_id})")
+    ids = dict(self._text.own_ids)
+    for role, piece in (pieces or {}).items():
+      if piece:
+        ids[role] = self._text.piece_id(piece)
+        if ids[role] is None:
+          raise ValueError(f"the {_KIND_NAMES[kind]} has no piece {piece!r} (text.template.{role})")
+    self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+    default_pad = 0 if kind == text_tokenizers.SENTENCEPIECE else self.eos_id
+    self.pad_id = default_pad if ids.get("pad") is None else ids["pad"]
+    if self.bos_id is None or self.eos_id is None:
+      raise ValueError(f"the {_KIND_NAMES[kind]} needs BOS and EOS pieces (bos_id {self.bos_id}, "
+                       f"eos_id {self.eos_id}; a HF tokenizer's come from text.template.bos/eos)")
 
   @classmethod
-  def load(cls, path: str | Path, special_tokens=mllm_config.DEFAULT_SPECIAL_TOKENS):
+  def load(cls, path: str | Path, special_tokens=mllm_config.DEFAULT_SPECIAL_TOKENS,
+           pieces: Mapping[str, str] | None = None):
+    """A SentencePiece `.model` or a HF `tokenizer.json` (or a directory holding one)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and path.suffix.lower() != ".json":
       raise FileNotFoundError(f"SentencePiece model file not found: {path}")
-    return cls(path.read_bytes(), special_tokens)
+    file, kind = text_tokenizers.resolve(path)
+    return cls(file.read_bytes(), special_tokens, kind, pieces)
 
-  @functools.cached_property
-  def processor(self) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_proto=self._proto)
+  @classmethod
+  def from_text_config(cls, text, special_tokens):
+    """The vocabulary of an MLLM config's `text` section (`tokenizer` path, template pieces)."""
+    return cls.load(mllm_config.tokenizer_path(text), special_tokens,
+                    mllm_config.template_pieces(text.template))
 
-  def __getstate__(self):  # picklable for grain worker processes
-    state = dict(self.__dict__)
-    state.pop("processor", None)
-    return state
+  @property
+  def processor(self):
+    """The backend's processor (`sentencepiece.SentencePieceProcessor` or
+    `tokenizers.Tokenizer`)."""
+    return self._text.processor
 
   @property
   def model_proto(self) -> bytes:
-    return self._proto
+    """The tokenizer file's bytes."""
+    return self._text.data
+
+  @property
+  def workdir_file(self) -> str:
+    """The name of this kind's copy inside a training workdir."""
+    return text_tokenizers.WORKDIR_FILES[self.kind]
 
   def encode(self, text: str) -> list[int]:
-    return self.processor.encode(text) if text else []
+    return self._text.encode(text)
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`; appended special tokens and control pieces are dropped."""
-    return self.processor.decode([int(i) for i in ids if 0 <= i < self.num_pieces])
+    return self._text.decode([int(i) for i in ids if 0 <= i < self.num_pieces])
 
   def check_llm(self, llm) -> None:
     """Raises ValueError if the decoder config disagrees with this vocabulary."""
     problems = []
     if llm.vocab_size < self.size:
-      problems.append(f"llm.vocab_size {llm.vocab_size} < {self.size} (the SentencePiece "
-                      f"model's {self.num_pieces} pieces + {self.size - self.num_pieces} "
+      problems.append(f"llm.vocab_size {llm.vocab_size} < {self.size} (the {_KIND_NAMES[self.kind]}"
+                      f"'s {self.num_pieces} pieces + {self.size - self.num_pieces} "
                       f"appended special tokens)")
+    name = _KIND_NAMES[self.kind]
     if llm.bos_id != self.bos_id:
-      problems.append(f"llm.bos_id {llm.bos_id} but the SentencePiece BOS is {self.bos_id}")
+      problems.append(f"llm.bos_id {llm.bos_id} but the {name} BOS is {self.bos_id}")
     if self.eos_id not in tuple(llm.eos_ids):
-      problems.append(f"llm.eos_ids {tuple(llm.eos_ids)} lack the SentencePiece EOS {self.eos_id}")
+      problems.append(f"llm.eos_ids {tuple(llm.eos_ids)} lack the {name} EOS {self.eos_id}")
     if problems:
       raise ValueError("LLM config and vocabulary disagree: " + "; ".join(problems))
 
@@ -134,13 +171,21 @@ class Layout:
   num_image_positions: int
   max_len: int
   prefix_lm: bool
+  add_bos: bool = True   # start every sequence with BOS (not Qwen's ChatML)
+  prefix: str = ""       # text after BOS at the start of every sequence (e.g. a system turn)
 
   @classmethod
   def from_config(cls, config) -> "Layout":
     t = config.text.template
     return cls(t.user, t.model, bool(t.append_eos),
                mllm_config.num_image_positions(config.model), int(config.data.max_len),
-               config.model.attention == "prefix_lm")
+               config.model.attention == "prefix_lm", bool(t.get("add_bos", True)),
+               str(t.get("prefix", "")))
+
+
+def _start(vocab: Vocabulary, layout: Layout) -> list[int]:
+  """The tokens every sequence starts with: BOS (where the template adds it) and the prefix."""
+  return ([vocab.bos_id] if layout.add_bos else []) + vocab.encode(layout.prefix)
 
 
 def parse_turns(conversations: Any, has_image: bool) -> list[tuple[str, str]]:
@@ -198,7 +243,8 @@ def build_example(vocab: Vocabulary, layout: Layout, conversations: Any,
   """One right-padded training example: tokens, image_mask, input_mask, loss_mask, mask_ar
   (each (max_len,)). Raises SkipExample("bad_conversation" | "too_long"): a sequence longer
   than max_len is skipped, not truncated (a cut answer would teach the model to stop early)."""
-  tokens, image, loss = [vocab.bos_id], [False], [False]
+  tokens = _start(vocab, layout)
+  image, loss = [False] * len(tokens), [False] * len(tokens)
   for role, text in parse_turns(conversations, has_image):
     if role == "user":
       ids, img = _user_segment(vocab, layout, text)
@@ -236,7 +282,8 @@ def _generation_turns(vocab: Vocabulary, layout: Layout, caption: str):
       loss += [True] + [False] * n + [True]
   if layout.append_eos:
     tokens, image, loss = tokens + [vocab.eos_id], image + [False], loss + [True]
-  return [vocab.bos_id] + tokens, [False] + image, [False] + loss
+  start = _start(vocab, layout)
+  return start + tokens, [False] * len(start) + image, [False] * len(start) + loss
 
 
 def build_generation_example(vocab: Vocabulary, layout: Layout,
@@ -290,7 +337,8 @@ def build_prompt(vocab: Vocabulary, layout: Layout, prompt: str,
   turns = parse_turns([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}],
                       has_image)
   ids, img = _user_segment(vocab, layout, turns[0][1])
-  tokens = np.array([vocab.bos_id] + ids, np.int32)
+  start = _start(vocab, layout)
+  tokens = np.array(start + ids, np.int32)
   n = len(tokens)
-  return dict(tokens=tokens, image_mask=np.array([False] + img),
+  return dict(tokens=tokens, image_mask=np.array([False] * len(start) + img, bool),
               mask_ar=np.zeros(n, np.int32) if layout.prefix_lm else np.ones(n, np.int32))

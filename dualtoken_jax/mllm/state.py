@@ -44,15 +44,12 @@ from dualtoken_jax.training import checkpoints
 from dualtoken_jax.training import state as T
 
 @flax.struct.dataclass
-class MLLMState:
+class MLLMState(T.RngState):
   step: jax.Array
   params: Any
   opt_state: Any
   tokenizer: Any   # frozen {"params", "vq_stats"} of the DualToken tokenizer
   rng: jax.Array   # uint32 key data
-
-  def key(self) -> jax.Array:
-    return jax.random.wrap_key_data(self.rng)
 
 
 class Modules(T.Modules):
@@ -98,7 +95,7 @@ class Modules(T.Modules):
     abstract, _ = self.abstract_state()
     init_key, state_key = jax.random.split(jax.random.key(config.seed))
     if config.init.mllm:
-      loaded = restore_weights(checkpoints.latest_step_dir(config.init.mllm),
+      loaded = restore_weights(checkpoints.read_run(config.init.mllm, "mllm")[0],
                                T.StateLayout(abstract, shardings))
       params, tokenizer = loaded["params"], loaded["tokenizer"]
     else:

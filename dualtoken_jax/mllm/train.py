@@ -9,7 +9,6 @@ checkpointing, metrics and bad-data handling are the shared ones of `training/`.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import jax
@@ -26,7 +25,6 @@ from dualtoken_jax.mllm import data as mdata
 from dualtoken_jax.mllm import demo
 from dualtoken_jax.mllm import sequence
 from dualtoken_jax.mllm import state as S
-from dualtoken_jax.mllm.inference import SPM_FILE
 from dualtoken_jax.mllm.step import make_eval_step, make_train_step
 from dualtoken_jax.training import checkpoints
 from dualtoken_jax.training import optimizer as O
@@ -49,11 +47,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
                config.model.visual_vector, dict(mesh.shape), jax.process_count())
 
   # ---------------------------------------------------------------- text and input
-  vocab = sequence.Vocabulary.load(config.text.spm_model, config.model.special_tokens)
+  vocab = sequence.Vocabulary.from_text_config(config.text, config.model.special_tokens)
   vocab.check_llm(config.model.llm)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # the run's own copy of its text tokenizer (either kind)
     workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config.text.spm_model, workdir / SPM_FILE)
+    (workdir / vocab.workdir_file).write_bytes(vocab.model_proto)
   layout = sequence.Layout.from_config(config)
   codes = mdata.CodeTable(config.data.codes) if config.data.codes else None
   prepare = mdata.PrepareExample(vocab, layout, config.model.tokenizer, codes,

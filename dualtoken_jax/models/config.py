@@ -25,8 +25,7 @@ VIT_VARIANTS = {
 }
 
 
-class ConfigError(ValueError):
-  """A tokenizer config that cannot describe a working model."""
+ConfigError = config_files.ConfigError  # the project's one config error
 
 
 def vit_config(variant: str, patch_size: int) -> ml_collections.ConfigDict:

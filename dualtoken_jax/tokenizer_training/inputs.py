@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from dualtoken_jax import data
+from dualtoken_jax.data import decode
 from dualtoken_jax.data import image_inputs
 
 SOURCES = ("webdataset", "folder", "array_record", "sample")
@@ -21,10 +22,11 @@ def source(data_config):
     raise ValueError(f"config.data.source must be one of {SOURCES}, got {kind!r}")
   if kind != "sample" and not path:
     raise ValueError(f"config.data.source={kind!r} needs config.data.path")
+  max_bytes = data_config.get("max_image_bytes", decode.DEFAULT_MAX_BYTES)
   if kind == "webdataset":
-    return data.WebDatasetSource(path)
+    return data.WebDatasetSource(path, max_bytes=max_bytes)
   if kind == "folder":
-    return data.ImageFolderSource(path)
+    return data.ImageFolderSource(path, max_bytes=max_bytes)
   if kind == "array_record":
     return data.ArrayRecordSource(path, image_key=data_config.image_key,
                                   record_format=data_config.record_format)

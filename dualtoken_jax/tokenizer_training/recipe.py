@@ -4,14 +4,32 @@ Stages (spec B.2): 0 warms up the tokenizer-specific modules on a frozen SigLIP 
 `layer_sem` and embeddings frozen); 1 is the paper's main run (everything but the text tower
 trains, GAN on); 2 fine-tunes the semantic side with the pixel side frozen — the reference's
 stage-2 script crashes on wrong module names; here the intended freezing is applied.
+
+`stage` may be overridden after the config is built (`--config.stage=2`): `validate` (which
+`train_and_evaluate` calls first) re-derives the stage's fields (`stage_fields`: frozen,
+update_codebooks, loss weights, optimizer, gan.enabled) from the new stage, and from a new
+`model.layer_sem`. The rule: a derived field that still holds the value the recipe gave it
+follows the stage; one that holds anything else was set on purpose (by the config file or a
+`--config.x=` override) and wins. (So an override back to exactly the old stage's value cannot
+be told from no override: it follows the stage too.)
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import ml_collections
 
+from dualtoken_jax.data import decode
+from dualtoken_jax import config_files
+from dualtoken_jax.data import global_batch
 from dualtoken_jax.models import config as model_config
 from dualtoken_jax.parallel import sharding
+from dualtoken_jax.tokenizer_training import inputs
+
+ConfigError = model_config.ConfigError
+STAGES = (0, 1, 2)
 
 _TOWERS_NOT_TRAINED = [r"txt/.*", r"t", r"b"]  # text tower, logit scale/bias
 _PIXEL_SIDE = [r"prequant_pix/.*", r"prequant_shortcut/.*", r"postquant_pix/.*",
@@ -32,7 +50,7 @@ def frozen_for_stage(stage: int, layer_sem: int) -> list[str]:
     return list(_TOWERS_NOT_TRAINED)
   if stage == 2:
     return _TOWERS_NOT_TRAINED + embeddings + [blocks(1, 4)] + _PIXEL_SIDE
-  raise ValueError(f"stage must be 0, 1 or 2, got {stage}")
+  raise ConfigError(f"stage must be 0, 1 or 2, got {stage}")
 
 
 def loss_config(stage: int) -> ml_collections.ConfigDict:
@@ -73,29 +91,118 @@ def training_config(model: ml_collections.ConfigDict, *, stage: int = 1, batch_s
   c.init = dict(siglip="", tokenizer="", reference="", reference_config="")
   c.teacher = dict(siglip="")  # "" = a frozen copy of the initial image tower
   c.data = dict(source="webdataset", path="", image_key="image", record_format="tf_example",
-                num_workers=0, max_consecutive_skips=1000)
+                num_workers=0, max_consecutive_skips=1000,
+                max_image_bytes=decode.DEFAULT_MAX_BYTES)  # bigger image files are skipped
 
   c.trainable = [".*"]
   c.frozen = frozen_for_stage(stage, model.layer_sem)
   c.update_codebooks = ["sem"] if stage == 2 else ["pix", "sem"]  # EMA only; never gradients
   c.loss = loss_config(stage)
-  if stage == 0:
-    c.optimizer = dict(lr=1e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=1e-4, warmup_steps=100_000,
-                       grad_clip_norm=0.0)
-  else:
-    c.optimizer = dict(lr=7.2e-5, b1=0.5, b2=0.9, eps=1e-8, weight_decay=1e-4, warmup_steps=10_000,
-                       grad_clip_norm=0.0)
+  c.optimizer = optimizer_config(stage)
   # GAN (stage 1 only). Without a warm start the reference turns it on halfway through the start
   # epoch; its discriminator warms up for half an epoch and decays to 4e-5.
   c.gan = dict(enabled=stage == 1, start_step=steps_per_epoch // 2, ndf=64, weight=0.75,
                adaptive_min=0.3, adaptive_max=10.0, lr=7.2e-5, b1=0.5, b2=0.9,
                warmup_steps=steps_per_epoch // 2, end_lr=4e-5, d_weight=0.75, start_epoch_d_weight=1.0)
 
-  c.checkpoint = dict(every_steps=2000, keep=3, async_save=True)
+  c.checkpoint = dict(every_steps=2000, keep=3, async_save=True,
+                      checksums=False)  # sha256 manifests per step (slower saves; checkpoints.py)
   c.log_every_steps = 50
   c.eval = dict(every_steps=5000, images="sample", num_images=8)
   c.max_consecutive_nonfinite = 20
+  # What the stage-derived fields were built for (do not set): `validate` re-derives them when
+  # `stage` or `model.layer_sem` has been overridden since (see the module docstring).
+  c.derived_from = dict(stage=stage, layer_sem=model.layer_sem)
   return c
+
+
+def optimizer_config(stage: int) -> dict[str, Any]:
+  if stage == 0:
+    return dict(lr=1e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=1e-4, warmup_steps=100_000,
+                grad_clip_norm=0.0)
+  return dict(lr=7.2e-5, b1=0.5, b2=0.9, eps=1e-8, weight_decay=1e-4, warmup_steps=10_000,
+              grad_clip_norm=0.0)
+
+
+def stage_fields(stage: int, layer_sem: int) -> dict[str, Any]:
+  """The fields `stage` decides, as dotted path -> value (what `training_config` sets)."""
+  fields = {"frozen": frozen_for_stage(stage, layer_sem),
+            "update_codebooks": ["sem"] if stage == 2 else ["pix", "sem"],
+            "gan.enabled": stage == 1}
+  fields.update(_flat(loss_config(stage).to_dict(), "loss."))
+  fields.update(_flat(optimizer_config(stage), "optimizer."))
+  return fields
+
+
+def _flat(d: dict, prefix: str) -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def apply_stage(config: ml_collections.ConfigDict) -> list[str]:
+  """Re-derives the stage's fields in place after `stage` / `model.layer_sem` were overridden;
+  fields set to anything but their derived value are kept. Returns the paths it changed."""
+  if config.stage not in STAGES:
+    raise ConfigError(f"stage must be one of {STAGES}, got {config.stage!r}")
+  if "derived_from" not in config:  # not built by `training_config`: nothing to re-derive
+    return []
+  was = config.derived_from
+  now = dict(stage=config.stage, layer_sem=config.model.layer_sem)
+  if (was.stage, was.layer_sem) == (now["stage"], now["layer_sem"]):
+    return []
+  changed = config_files.rederive(config, stage_fields(was.stage, was.layer_sem),
+                                  stage_fields(**now))
+  config.derived_from.stage, config.derived_from.layer_sem = now["stage"], now["layer_sem"]
+  return changed
+
+
+def validate(config: ml_collections.ConfigDict, mesh=None) -> None:
+  """Checks a tokenizer training config before anything is built, raising `ConfigError` naming
+  the first bad field; first re-derives the stage's fields (`apply_stage`, in place). With
+  `mesh`, also that `batch_size` splits over its batch shards (without, the trainer's
+  `data.host_batch_size` checks that as soon as the mesh exists, still before compiling)."""
+  apply_stage(config)
+  try:
+    model_config.validate(config.model)
+  except ConfigError as e:
+    raise ConfigError(f"model: {e}") from e
+  _positive_int(config, "total_steps", "steps_per_epoch", "batch_size", "log_every_steps",
+                "eval.every_steps", "checkpoint.every_steps", "checkpoint.keep",
+                "max_consecutive_nonfinite")
+  _check(0 <= config.stop_at_step <= config.total_steps,
+         f"stop_at_step {config.stop_at_step} must be in [0, total_steps={config.total_steps}]")
+  _optimizer(config, "optimizer")
+  unknown = set(config.update_codebooks) - {"pix", "sem"}
+  _check(not unknown, f"update_codebooks may only name 'pix' and 'sem', got {list(config.update_codebooks)}")
+  loss = config.loss
+  for path in ["sem_weight", "commit_pix", "commit_sem", "mse", "lpips", "pixel_chunk"] + [
+      f"semantic.{k}" for k in loss.semantic]:
+    value = config_files.get_path(loss, path)
+    _check(math.isfinite(value) and value >= 0, f"loss.{path} must be finite and >= 0, got {value}")
+  if config.gan.enabled:
+    g = config.gan
+    _check(0 <= g.start_step < config.total_steps,
+           f"gan.start_step {g.start_step} is not within the run [0, total_steps="
+           f"{config.total_steps}): the GAN would never train (set gan.enabled=False for none)")
+    _optimizer(config, "gan")
+    for name in ("end_lr", "weight", "d_weight", "start_epoch_d_weight", "adaptive_min"):
+      _check(math.isfinite(g[name]) and g[name] >= 0, f"gan.{name} must be finite and >= 0, got {g[name]}")
+    _check(g.adaptive_min <= g.adaptive_max,
+           f"gan.adaptive_min {g.adaptive_min} > gan.adaptive_max {g.adaptive_max}")
+    _positive_int(config, "gan.ndf")
+  _check(config.data.source in inputs.SOURCES,
+         f"data.source must be one of {inputs.SOURCES}, got {config.data.source!r}")
+  _check(config.data.source == "sample" or bool(config.data.path),
+         f"data.source={config.data.source!r} needs data.path")
+  if mesh is not None:
+    global_batch.host_batch_size(config.batch_size, mesh)  # ConfigError unless it splits evenly
+
+
+_check = config_files.check
+_optimizer = config_files.check_optimizer
+_positive_int = config_files.check_positive_ints
 
 
 def attention_chunk(tokens: int) -> int:

@@ -26,7 +26,7 @@ from dualtoken_jax.training import state as T
 
 
 @flax.struct.dataclass
-class TrainState:
+class TrainState(T.RngState):
   step: jax.Array
   params: Any
   vq_stats: Any
@@ -35,9 +35,6 @@ class TrainState:
   disc_params: Any      # {} when the GAN is off
   disc_opt_state: Any
   rng: jax.Array        # uint32 key data
-
-  def key(self) -> jax.Array:
-    return jax.random.wrap_key_data(self.rng)
 
 
 class Modules(T.Modules):

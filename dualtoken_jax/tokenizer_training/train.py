@@ -26,6 +26,7 @@ from dualtoken_jax.bridges import lpips as lpips_weights
 from dualtoken_jax.models import lpips as lpips_model
 from dualtoken_jax.data.images import side_by_side, to_uint8, to_unit
 from dualtoken_jax.tokenizer_training import inputs
+from dualtoken_jax.tokenizer_training import recipe
 from dualtoken_jax.training import checkpoints
 from dualtoken_jax.training import state as T
 from dualtoken_jax.training.loop import NonFiniteLossError, run_training_loop
@@ -40,7 +41,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   Returns the last evaluation's metrics ({"step", "psnr", ...}).
   """
   workdir = Path(workdir)
-  model_config.validate(config.model)
+  recipe.validate(config)  # ConfigError naming the field, before anything is built
   if config.distributed:
     jax.distributed.initialize()
   mesh = sharding.make_mesh(config.mesh)

@@ -3,6 +3,13 @@
 * Async saves every `every_steps`, keeping the newest `keep`; incomplete saves (a kill
   mid-write) leave only temporary directories, which Orbax ignores and cleans up.
 * `save` refuses a state holding NaN/Inf: a bad checkpoint never replaces a good one.
+* Checksums are optional here (`checksums=True`, `config.checkpoint.checksums`), off by default
+  for speed: a manifest needs the save finished and every byte read back (seconds to minutes
+  per save for a large state, every `every_steps`, and no overlap of async saves with the
+  steps). Saves are atomic anyway (a killed save is never a step directory), and every restore
+  checks that the restored state is finite; the manifest adds detection of flipped bits on disk
+  that stay finite. When a step directory has one, every restore verifies it. (A
+  `DualTokenizer.save` directory always gets one: written once, read by every user.)
 * `PreemptionSignal` turns SIGTERM (TPU preemption, `kill`) into a flag the loop checks so it
   saves and exits cleanly.
 """
@@ -16,30 +23,25 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from dualtoken_jax.bridges import tensor_files
 
 
 class NonFiniteStateError(RuntimeError):
   """The state to be saved holds NaN or Inf."""
 
 
-@jax.jit
-def _all_finite(leaves: list) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def all_finite(tree: Any) -> bool:
-  """Whether every float leaf is free of NaN/Inf (one compiled reduction per tree structure)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return bool(_all_finite(leaves)) if leaves else True
+all_finite = tensor_files.all_finite  # one compiled reduction per tree structure
 
 
 class Checkpointer:
   """One `ocp.CheckpointManager` with items "state" (pytree), "data" (grain iterator), "meta"."""
 
-  def __init__(self, directory: str | Path, *, every_steps: int, keep: int, async_save: bool = True):
+  def __init__(self, directory: str | Path, *, every_steps: int, keep: int, async_save: bool = True,
+               checksums: bool = False):
     self.directory = Path(directory).absolute()
+    self.checksums = checksums
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every_steps, create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
@@ -62,15 +64,22 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iter),
         meta=ocp.args.JsonSave(meta)))
     if saved:
+      if self.checksums:  # the manifest needs the finished files: this save becomes synchronous
+        self.manager.wait_until_finished()  # finalised: every host's files are in place
+        if jax.process_index() == 0:
+          tensor_files.write_checksums(self.directory / str(step))
       logging.info("checkpoint step %d -> %s", step, self.directory)
     return saved
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
-    """Restores into `abstract_state`'s shardings (ShapeDtypeStructs with .sharding)."""
+    """Restores into `abstract_state`'s shardings (ShapeDtypeStructs with .sharding); verifies
+    the step's checksum manifest if it has one and that the state is finite."""
+    tensor_files.verify_checksums(self.directory / str(step))
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iter),
         meta=ocp.args.JsonRestore()))
+    tensor_files.check_finite(restored["state"], f"checkpoint {self.directory / str(step)}")
     return restored["state"], dict(restored["meta"])
 
   def wait(self) -> None:
@@ -106,6 +115,13 @@ def latest_step_dir(path: str | Path) -> Path:
   workdir (`path/checkpoints/<step>`) or of a checkpoint directory (`path/<step>`)."""
   path = Path(path).absolute()
   if (path / "state").is_dir():
+    if not (path / "meta").is_dir():
+      saved = (" It looks like a saved DualTokenizer (DualTokenizer.save: config.json + state/): "
+               "load it with DualTokenizer.load or a tokenizer program's --checkpoint, or use it "
+               "as an MLLM's init.tokenizer." if (path / "config.json").is_file() else "")
+      raise FileNotFoundError(f"{path} holds state/ but no meta/, so it is not a training "
+                              f"checkpoint step (expected a train / train_mllm workdir, its "
+                              f"checkpoints/ directory or one step directory).{saved}")
     return path
   for root in (path / "checkpoints", path):
     steps = sorted((int(p.name) for p in root.glob("*") if p.name.isdigit()
@@ -118,13 +134,53 @@ def latest_step_dir(path: str | Path) -> Path:
 
 def restore_subtrees(step_dir: Path, abstract: dict) -> dict:
   """Restores only the state fields in `abstract` ({"params": ..., "tokenizer": ...}, leaves
-  ShapeDtypeStructs with shardings) from a training checkpoint step directory."""
+  ShapeDtypeStructs with shardings) from a training checkpoint step directory, after verifying
+  its checksum manifest if it has one; the restored weights must be finite."""
+  tensor_files.verify_checksums(step_dir)
   item = Path(step_dir) / "state"
-  return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+  restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
       item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
       partial_restore=True))
+  tensor_files.check_finite(restored, f"checkpoint {step_dir}")
+  return restored
 
 
 def read_meta(step_dir: Path) -> dict:
   """The JSON metadata a training checkpoint stored ({"step", "config"})."""
+  if not (Path(step_dir) / "meta").is_dir():
+    raise FileNotFoundError(f"{step_dir} has no meta/: not a training checkpoint step directory")
   return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(Path(step_dir) / "meta"))
+
+
+class CheckpointKindError(ValueError):
+  """A training checkpoint of another kind than the one asked for (a tokenizer run given to
+  `chat`, an MLLM run given to a tokenizer program)."""
+
+
+RUN_KINDS = {"tokenizer": "a tokenizer training run (`python -m dualtoken_jax.train`)",
+             "mllm": "an MLLM training run (`python -m dualtoken_jax.train_mllm`)"}
+
+
+def run_kind(config: dict) -> str | None:
+  """"tokenizer" or "mllm" for a stored training config (by its model fields), else None."""
+  model = config.get("model") if isinstance(config, dict) else None
+  if not isinstance(model, dict):
+    return None
+  if "llm" in model:
+    return "mllm"
+  return "tokenizer" if "vq_pix" in model else None
+
+
+def read_run(path: str | Path, expected: str) -> tuple[Path, dict]:
+  """(step directory, stored config) of the newest checkpoint under `path` (`latest_step_dir`),
+  which must be an `expected` run ("tokenizer" | "mllm"); else `CheckpointKindError` saying
+  what `path` is and what was expected."""
+  step_dir = latest_step_dir(path)
+  config = read_meta(step_dir).get("config") or {}
+  found = run_kind(config)
+  if found != expected:
+    what = RUN_KINDS.get(found, "a training checkpoint of unknown kind (no model.llm or "
+                                "model.vq_pix in its config)")
+    raise CheckpointKindError(f"{path} is {what} (step {step_dir.name}), but {RUN_KINDS[expected]} "
+                              "was expected here")
+  return step_dir, config

@@ -30,6 +30,14 @@ from dualtoken_jax.parallel import sharding
 from dualtoken_jax.training import optimizer as O
 
 
+class RngState:
+  """Mixin of the training-state dataclasses: `rng` holds raw uint32 key data (Orbax stores it
+  like any array); `key()` is the typed key the step splits."""
+
+  def key(self) -> jax.Array:
+    return jax.random.wrap_key_data(self.rng)
+
+
 class Modules:
   """The Linen modules and optax transforms a config implies (no arrays). Subclasses add their
   models and implement `abstract_state`, `state_specs` and `create`."""
