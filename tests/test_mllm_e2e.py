@@ -124,6 +124,7 @@ def test_generation_stage_continues_from_the_understanding_run(files, trained, t
   c.data.captions = files["captions"]
   c.data.codes = files["codes"]
   c.total_steps, c.log_every_steps = 4, 1
+  c.optimizer.warmup_steps = 1  # a warm-up longer than the run is refused
   train_and_evaluate(c, tmp_path)
   metrics = [m for m in read_jsonl(tmp_path / "metrics.jsonl") if "image_loss" in m]
   assert len(metrics) == 4 and metrics[0]["answer_tokens"] > 0 and metrics[-1]["finite"] == 1

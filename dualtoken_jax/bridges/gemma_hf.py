@@ -22,12 +22,14 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from dualtoken_jax.bridges import gemma_orbax
 from dualtoken_jax.bridges import layout
 from dualtoken_jax.bridges import rules as R
+from dualtoken_jax.bridges import tensor_files
 from dualtoken_jax.bridges.tensor_files import CheckpointError, check_finite, read_tensors, write_safetensors
 from dualtoken_jax.llm import config as C
 from dualtoken_jax.llm import sharding as S
@@ -189,23 +191,9 @@ def read_dir(path: str | Path) -> dict[str, np.ndarray]:
   return read_tensors(single)
 
 
-class _LazyTensor:
-  """One safetensors tensor, read when converted (`np.asarray`); its shape from the header."""
-
-  def __init__(self, file: Path, key: str, shape):
-    self.file, self.key, self.shape = file, key, tuple(shape)
-
-  def __array__(self, dtype=None, copy=None):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(str(self.file), "numpy") as f:
-      a = f.get_tensor(self.key)
-    return a if dtype is None else a.astype(dtype)
-
-
 def open_dir(path: str | Path) -> dict[str, Any]:
   """Like `read_dir`, but each tensor is read only when a rule converts it (so loading holds
   about one copy of the model in host memory, not the raw file and the converted params)."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   path = Path(path)
   index = path / "model.safetensors.index.json"
   if index.is_file():
@@ -216,8 +204,7 @@ def open_dir(path: str | Path) -> dict[str, Any]:
     return read_dir(path)  # the error naming what is missing
   tensors = {}
   for file in files:
-    with safe_open(str(file), "numpy") as f:
-      tensors.update({k: _LazyTensor(file, k, f.get_slice(k).get_shape()) for k in f.keys()})
+    tensors.update(tensor_files.open_safetensors(file))
   return tensors
 
 
@@ -260,9 +247,20 @@ def load_params(path: str | Path, config, mesh: Mesh | None = None,
         table = flat[key]
         flat[key] = np.asarray(gemma_orbax.fit_vocab(table, table.shape[0], new, seed))
     logging.info("HF checkpoint %s: appended %d embedding rows for new tokens", path, new)
-  if config.scan_layers:
-    flat = layout.to_scan(flat, config.depth)
-  return S.place(layout.unflatten(flat), config, mesh, rules)
+  return place_one_by_one(flat, config, mesh, rules)
+
+
+def place_one_by_one(flat_loop: dict[str, np.ndarray], config, mesh: Mesh | None = None,
+                     rules: Sequence[tuple[str, Any]] = S.DEFAULT_RULES):
+  """Host loop-layout arrays -> device params in the config's layout, `param_dtype` and
+  shardings, one parameter at a time: each host array leaves `flat_loop` once placed, so the
+  host never holds more than the rest of the model plus one (stacked) parameter."""
+  out = {}
+  for path, target in layout.flatten(S.abstract_params(config, mesh, rules)).items():
+    host = [flat_loop.pop(p) for p in layout.block_paths(path, target.shape)]
+    value = host[0] if layout.stack_of(path) is None else np.stack(host)
+    out[path] = jax.device_put(np.asarray(value).astype(target.dtype), target.sharding)
+  return layout.unflatten(out)
 
 
 def _normal(v):

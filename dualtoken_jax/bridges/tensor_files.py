@@ -94,13 +94,46 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
       return dict(_load_safetensors(str(path))) if suffix == ".safetensors" else read_npz(path)
     except Exception as e:  # safetensors' SafetensorError, zipfile.BadZipFile, EOFError, ...
-      raise CheckpointError(f"{path} is not a readable {suffix} file (truncated or corrupted? "
-                            f"{path.stat().st_size} bytes): {type(e).__name__}: {e}",
-                            headline=None) from e
+      raise _unreadable(path, e) from e
   if suffix in (".pt", ".pth", ".bin", ".ckpt"):
     return read_torch(path)
   raise ValueError(f"unsupported checkpoint format {suffix!r} for {path}: expected .safetensors, "
                    ".pt/.pth/.bin (PyTorch) or .npz (big_vision)")
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+  return CheckpointError(f"{path} is not a readable {path.suffix.lower()} file (truncated or "
+                         f"corrupted? {path.stat().st_size} bytes): {type(e).__name__}: {e}",
+                         headline=None)
+
+
+class LazyTensor:
+  """One safetensors tensor, read when converted (`np.asarray`); its shape from the header."""
+
+  def __init__(self, file: Path, key: str, shape):
+    self.file, self.key, self.shape = file, key, tuple(shape)
+
+  def __array__(self, dtype=None, copy=None):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    try:
+      with safe_open(str(self.file), "numpy") as f:
+        a = f.get_tensor(self.key)
+    except Exception as e:  # a file changed or truncated since it was opened
+      raise _unreadable(self.file, e) from e
+    return a if dtype is None else a.astype(dtype)
+
+
+def open_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
+  """The tensors of a `.safetensors` file as `LazyTensor`s (shapes from the header, data read
+  on conversion), so a large checkpoint is never held twice in host memory. A truncated or
+  corrupted header raises `CheckpointError` naming the file."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  path = Path(path)
+  try:
+    with safe_open(str(path), "numpy") as f:
+      return {k: LazyTensor(path, k, f.get_slice(k).get_shape()) for k in f.keys()}
+  except Exception as e:  # safetensors' SafetensorError, OSError, ...
+    raise _unreadable(path, e) from e
 
 
 def read_torch(path: Path) -> dict[str, np.ndarray]:

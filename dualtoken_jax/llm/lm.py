@@ -82,7 +82,8 @@ class DecoderLM:
 
     `overrides` set config fields, e.g. dtype="bfloat16", scan_layers=True. Params are cast
     to `param_dtype` (float32 unless overridden, whatever the file stores). The weights pass
-    through host memory (safetensors are read whole); prefer Orbax for very large models.
+    through host memory once: tensors are read from the (possibly sharded) safetensors as each
+    is converted, then placed one parameter at a time into its sharding (`gemma_hf.load_params`).
     """
     config = C.config_from_hf(gemma_hf.read_config(path), **overrides)
     return cls(config, gemma_hf.load_params(path, config, mesh, rules), mesh, rules)
