@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dualtoken_jax.bridges import hf_config
 from dualtoken_jax.bridges import gemma_hf
 from dualtoken_jax.bridges import layout
 from dualtoken_jax.bridges.tensor_files import CheckpointError, read_tensors, write_npz
@@ -93,14 +94,14 @@ def test_sharded_checkpoint_loads_the_same(models, tmp_path, family):
 
 def test_strict_lm_head_rules(tmp_path):
   tied = read_tensors(FIXTURES / "qwen2" / "model.safetensors")
-  qwen = C.config_from_hf(gemma_hf.read_config(FIXTURES / "qwen2"))
+  qwen = hf_config.config_from_hf(gemma_hf.read_config(FIXTURES / "qwen2"))
   assert "lm_head.weight" not in tied
   gemma_hf.import_tensors(dict(tied, **{"lm_head.weight": tied["model.embed_tokens.weight"]}), qwen)
   with pytest.raises(CheckpointError, match="differs from model.embed_tokens.weight"):
     gemma_hf.import_tensors(dict(tied, **{"lm_head.weight": -tied["model.embed_tokens.weight"]}),
                             qwen)
   untied = read_tensors(FIXTURES / "llama" / "model.safetensors")
-  llama = C.config_from_hf(gemma_hf.read_config(FIXTURES / "llama"))
+  llama = hf_config.config_from_hf(gemma_hf.read_config(FIXTURES / "llama"))
   with pytest.raises(CheckpointError, match=r"missing keys:\n    lm_head.weight"):
     gemma_hf.import_tensors({k: v for k, v in untied.items() if k != "lm_head.weight"}, llama)
   biasless = {k: v for k, v in tied.items() if not k.endswith("q_proj.bias")}
@@ -112,27 +113,27 @@ def test_unsupported_model_type_names_the_supported_ones():
   hf = dict(gemma_hf.read_config(FIXTURES / "llama"), model_type="mistral",
             architectures=["MistralForCausalLM"])
   with pytest.raises(C.ConfigError, match=r"'mistral'.*supported model_types: .*'llama'.*'qwen2'"):
-    C.config_from_hf(hf)
+    hf_config.config_from_hf(hf)
   no_type = {k: v for k, v in gemma_hf.read_config(FIXTURES / "qwen2").items() if k != "model_type"}
-  assert C.config_from_hf(no_type).family == "qwen2"  # from `architectures`
+  assert hf_config.config_from_hf(no_type).family == "qwen2"  # from `architectures`
 
 
 def test_hf_sliding_window_and_rope_scaling_fields():
   base = gemma_hf.read_config(FIXTURES / "qwen2")
-  windowed = C.config_from_hf(dict(base, use_sliding_window=True, sliding_window=6,
+  windowed = hf_config.config_from_hf(dict(base, use_sliding_window=True, sliding_window=6,
                                    max_window_layers=1))
   assert C.layer_types(windowed) == ("global", "local", "local") and windowed.sliding_window == 6
-  assert C.config_from_hf(C.config_to_hf(windowed)) == windowed
+  assert hf_config.config_from_hf(hf_config.config_to_hf(windowed)) == windowed
   llama = gemma_hf.read_config(FIXTURES / "llama")
-  scaled = C.config_from_hf(dict(llama, rope_scaling=dict(
+  scaled = hf_config.config_from_hf(dict(llama, rope_scaling=dict(
       rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
       original_max_position_embeddings=32)))
   assert scaled.rope_llama3 == (8.0, 1.0, 4.0, 32.0)
-  assert C.config_from_hf(C.config_to_hf(scaled)) == scaled
-  linear = C.config_from_hf(dict(llama, rope_scaling={"type": "linear", "factor": 2.0}))
+  assert hf_config.config_from_hf(hf_config.config_to_hf(scaled)) == scaled
+  linear = hf_config.config_from_hf(dict(llama, rope_scaling={"type": "linear", "factor": 2.0}))
   assert linear.rope_scale_global == linear.rope_scale_local == 2.0
   with pytest.raises(C.ConfigError, match="'yarn' is not supported"):
-    C.config_from_hf(dict(llama, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+    hf_config.config_from_hf(dict(llama, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
   # Llama 3 scaling: long wavelengths divided by the factor, short ones kept, a ramp between.
   plain = np.asarray(attention.rope_inv_freq(16, 1e4))
   freq = np.asarray(attention.rope_inv_freq(16, 1e4, scaled.rope_llama3))
@@ -151,7 +152,7 @@ def test_variants_and_the_gemma_name():
       3584, 28, 4, 18944, 152064, False)
   assert (l2.width, l2.num_kv_heads, l2.vocab_size, l2.norm_eps, l2.tie_embeddings,
           l2.rope_base_global) == (4096, 32, 32000, 1e-5, False, 1e4)
-  assert C.config_from_hf(C.config_to_hf(q7)) == C.replace(q7, param_dtype="float32")
+  assert hf_config.config_from_hf(hf_config.config_to_hf(q7)) == C.replace(q7, param_dtype="float32")
   tiny = DecoderLM.init(C.get_config("tiny_llama", dtype="bfloat16"), seed=1)
   assert tiny.logits(jnp.ones((1, 4), jnp.int32)).shape == (1, 4, 128)
 

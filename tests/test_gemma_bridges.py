@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AxisType, PartitionSpec
 
+from dualtoken_jax.bridges import hf_config
 from dualtoken_jax.bridges import gemma_hf
 from dualtoken_jax.bridges import gemma_orbax
 from dualtoken_jax.bridges import layout
@@ -70,7 +71,7 @@ def test_hf_export_round_trips_every_tensor(tmp_path, family):
   for key, value in original.items():
     assert exported[key].dtype == value.dtype, key
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
-  again = C.config_from_hf(json.loads((tmp_path / "config.json").read_text()))
+  again = hf_config.config_from_hf(json.loads((tmp_path / "config.json").read_text()))
   assert again == lm.config
 
 
@@ -80,7 +81,7 @@ def test_hf_import_lists_every_problem(tmp_path):
   del tensors["model.norm.weight"]
   tensors["model.layers.9.mlp.up_proj.weight"] = np.zeros((96, 64), np.float32)
   tensors["model.layers.2.self_attn.o_proj.weight"] = np.zeros((64, 63), np.float32)
-  config = C.config_from_hf(gemma_hf.read_config(GEMMA / "gemma2"))
+  config = hf_config.config_from_hf(gemma_hf.read_config(GEMMA / "gemma2"))
   with pytest.raises(CheckpointError) as info:
     gemma_hf.import_tensors(tensors, config)
   err = info.value
@@ -120,7 +121,7 @@ def test_hf_round_trip_for_other_architectures(tmp_path, model_type, kv_heads, f
   "post_attention_layernorm" is the pre-FFN norm)."""
   hf = dict(gemma_hf.read_config(GEMMA / "gemma3"), model_type=model_type,
             num_key_value_heads=kv_heads, sliding_window=3, sliding_window_pattern=4)
-  config = C.config_from_hf(hf)
+  config = hf_config.config_from_hf(hf)
   rng = np.random.default_rng(kv_heads)
   params = {k: rng.normal(size=s).astype(np.float32)
             for k, s in gemma_orbax.S.param_shapes(config).items()}
@@ -147,13 +148,13 @@ def test_config_from_hf_variants_and_errors():
   newer = dict(base, layer_types=["sliding_attention", "full_attention"] * 2,
                rope_scaling={"rope_type": "linear", "factor": 8.0})
   del newer["sliding_window_pattern"]
-  config = C.config_from_hf(newer)
+  config = hf_config.config_from_hf(newer)
   assert config.attention_pattern == ("local", "global") and config.rope_scale_global == 8.0
   assert config.rope_scale_local == 1.0
   v5 = dict(base, rope_parameters={
       "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
       "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}})
-  config = C.config_from_hf(v5)
+  config = hf_config.config_from_hf(v5)
   rope = (config.rope_base_global, config.rope_base_local, config.rope_scale_global)
   assert rope == (5e5, 2e4, 4.0)
   for bad, message in [(dict(base, hidden_activation="silu"), "hidden_activation"),
@@ -162,7 +163,7 @@ def test_config_from_hf_variants_and_errors():
                        (dict(base, rope_scaling={"rope_type": "yarn", "factor": 2.0}), "yarn"),
                        ({k: v for k, v in base.items() if k != "hidden_size"}, "hidden_size")]:
     with pytest.raises(C.ConfigError, match=message):
-      C.config_from_hf(bad)
+      hf_config.config_from_hf(bad)
 
 
 # ---------------------------------------------------------------- official Orbax layouts

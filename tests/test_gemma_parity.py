@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
+from dualtoken_jax.bridges import hf_config
 from dualtoken_jax.llm import GemmaLM
 from dualtoken_jax.llm import attention
 from dualtoken_jax.llm import config as C

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from dualtoken_jax.bridges import hf_config
 from dualtoken_jax.bridges import gemma_orbax
 from dualtoken_jax.bridges import layout
 from dualtoken_jax.bridges import rules as R
@@ -211,7 +212,7 @@ def open_dir(path: str | Path) -> dict[str, Any]:
 def load(path: str | Path, config=None) -> tuple[dict[str, np.ndarray], object]:
   """(loop-layout flat params, config) from a HF checkpoint directory (tensors read one rule at
   a time, `open_dir`)."""
-  config = config or C.config_from_hf(read_config(path))
+  config = config or hf_config.config_from_hf(read_config(path))
   flat = import_tensors(open_dir(path), config, f"HF checkpoint {path}")
   check_finite(flat, f"HF checkpoint {path}")
   return flat, config
@@ -232,7 +233,7 @@ def load_params(path: str | Path, config, mesh: Mesh | None = None,
   """A HF checkpoint directory as params of decoder `config`, in its layout, `param_dtype` and
   shardings on `mesh`. The config's vocabulary may be larger than the checkpoint's: the new
   embedding rows are drawn ~ N(0, 0.02) from `seed`. The architectures must agree."""
-  hf = C.config_from_hf(read_config(path))
+  hf = hf_config.config_from_hf(read_config(path))
   different = [f"{k}: checkpoint {hf[k]!r}, config {config[k]!r}" for k in ARCHITECTURE
                if _normal(hf[k]) != _normal(config[k])]
   if hf.vocab_size > config.vocab_size:
@@ -292,4 +293,4 @@ def save(path: str | Path, flat_loop: Mapping[str, np.ndarray], config,
     total = sum(v.nbytes for v in tensors.values())
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-  (path / "config.json").write_text(json.dumps(C.config_to_hf(config), indent=2))
+  (path / "config.json").write_text(json.dumps(hf_config.config_to_hf(config), indent=2))

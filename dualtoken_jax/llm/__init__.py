@@ -14,8 +14,6 @@ embeddings with an attention mask, `compute_logits`), the mask helpers in `masks
 """
 
 from dualtoken_jax.llm.config import ConfigError
-from dualtoken_jax.llm.config import config_from_hf
-from dualtoken_jax.llm.config import config_to_hf
 from dualtoken_jax.llm.config import decoder_config
 from dualtoken_jax.llm.config import FAMILIES
 from dualtoken_jax.llm.config import gemma_config
@@ -27,5 +25,5 @@ from dualtoken_jax.llm.lm import DecoderLM
 from dualtoken_jax.llm.lm import GemmaLM
 
 __all__ = ["ConfigError", "Decoder", "DecoderLM", "FAMILIES", "GemmaDecoder", "GemmaLM",
-           "VARIANTS", "config_from_hf", "config_to_hf", "decoder_config", "gemma_config",
+           "VARIANTS", "decoder_config", "gemma_config",
            "get_config"]

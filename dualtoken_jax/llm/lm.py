@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from dualtoken_jax.bridges import hf_config
 from dualtoken_jax.bridges import gemma_bigvision
 from dualtoken_jax.bridges import gemma_hf
 from dualtoken_jax.bridges import gemma_orbax
@@ -85,7 +86,7 @@ class DecoderLM:
     through host memory once: tensors are read from the (possibly sharded) safetensors as each
     is converted, then placed one parameter at a time into its sharding (`gemma_hf.load_params`).
     """
-    config = C.config_from_hf(gemma_hf.read_config(path), **overrides)
+    config = hf_config.config_from_hf(gemma_hf.read_config(path), **overrides)
     return cls(config, gemma_hf.load_params(path, config, mesh, rules), mesh, rules)
 
   @classmethod
