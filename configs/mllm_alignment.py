@@ -11,8 +11,8 @@ batch 64), the decoder and the DualToken tokenizer are frozen. The paper's model
 Gemma: `:llm=gemma2_2b --config.init.llm_orbax=/ckpt/gemma2_2b
 --config.text.tokenizer=/ckpt/tokenizer.model` (SentencePiece); Llama 2: `:llm=llama2_7b`.
 
-Args: llm (a `dualtoken_jax.llm` variant: qwen2.5_3b, qwen2.5_7b, llama2_7b, llama3_8b,
-gemma2_2b (the default), ...; each brings its chat template and special tokens), tokenizer
+Args: llm (a `dualtoken_jax.llm` variant: qwen2.5_3b (the default, the paper's), qwen2.5_7b,
+llama2_7b, llama3_8b, gemma2_2b, ...; each brings its chat template and special tokens), tokenizer
 (a tokenizer config, default dualtoken_siglip_l16: 256 px, 16x16 = 256 image positions, D = 4;
 dualtoken_so400m for the 384 px variant), visual (code_embeddings | postquant), attention
 (causal | prefix_lm), head_width (0 = the LLM width; see `mllm.config.paper_stage`).

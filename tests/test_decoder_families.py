@@ -183,3 +183,40 @@ def test_big_vision_npz_llm_loads_strictly(tmp_path):
   with pytest.raises(CheckpointError, match=r"(?s)missing keys:\n    layers/mlp/linear.*"
                                             r"unexpected keys:\n    layers/extra"):
     DecoderLM.from_big_vision(tmp_path / "bad.npz", config)
+
+
+@pytest.mark.parametrize("scan, bound", [(False, 0.35), (True, 0.8)])
+def test_hf_params_stream_into_place_parameter_by_parameter(tmp_path, scan, bound):
+  """`load_params` (what `from_hf` and the MLLM's `init.llm_hf` use) holds one (stacked)
+  parameter on the host at a time: its peak beyond the placed params stays far below the
+  model's size, which the eager `load` (one full converted copy) reaches. (On CPU, placed
+  arrays may alias host memory, so what stays allocated at the end is not counted.)"""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  config = C.get_config("tiny_llama", vocab_size=64, depth=8, mlp_dim=256)
+  lm = DecoderLM.init(config, seed=3)
+  gemma_hf.save(tmp_path, layout.flatten(jax_to_numpy(lm.params)), config)
+  total = sum(np.asarray(v).nbytes for v in layout.flatten(jax_to_numpy(lm.params)).values())
+
+  def host_peak(fn):
+    tracemalloc.start()
+    try:
+      result = fn()
+      now, peak = tracemalloc.get_traced_memory()
+    finally:
+      tracemalloc.stop()
+    return result, peak - now
+
+  target = C.get_config("tiny_llama", vocab_size=64, depth=8, mlp_dim=256, scan_layers=scan)
+  gemma_hf.load_params(tmp_path, target)  # compiles and caches what the first call needs
+  params, streamed = host_peak(lambda: gemma_hf.load_params(tmp_path, target))
+  # A scanned stack is one parameter: its bound is the largest stack (~55 % here) plus a block.
+  _, eager = host_peak(lambda: gemma_hf.place_one_by_one(gemma_hf.load(tmp_path)[0].pop, target))
+  assert eager > 0.9 * total and streamed < bound * total, (streamed, eager, total)
+  again = DecoderLM(target, params)
+  tokens = np.arange(10)[None] % 64
+  np.testing.assert_allclose(again.logits(tokens), lm.logits(tokens), atol=1e-6)
+
+
+def jax_to_numpy(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(np.asarray, tree)

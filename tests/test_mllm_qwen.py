@@ -137,3 +137,44 @@ def test_paper_stage_configs_of_qwen_and_llama(llm, template, width, vocab, star
   assert dict(config.text.template) == C.TEMPLATES[template]
   assert dict(config.model.special_tokens)["image_start"] == start
   assert config.model.llm.tie_embeddings == (llm == "qwen2.5_3b")
+  if llm == "qwen2.5_3b":  # the paper's decoder is the default of every stage config
+    default = config_files.load("mllm_sft")
+    assert default.model.llm.to_dict() == config.model.llm.to_dict()
+    assert dict(default.text.template) == C.TEMPLATES["chatml"]
+
+
+def test_qwen_mllm_run_resumes_bitwise_and_keeps_its_tokenizer_json(hf_file, tmp_path):
+  """A Qwen-style run with a HF tokenizer.json, interrupted after its step-2 checkpoint, resumes
+  to exactly the state of the uninterrupted run; the workdir holds the run's tokenizer.json and
+  `UnifiedModel` reads it back from there."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from dualtoken_jax.mllm.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from dualtoken_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  config = qwen_config(hf_file)
+  config.data.train = str(T.write_json(tmp_path / "train.json",
+                                       T.photo_conversations(T.TRAIN_QUESTIONS[:1])))
+  config.total_steps, config.log_every_steps = 4, 1
+  config.optimizer.warmup_steps = 1
+  config.checkpoint.every_steps, config.checkpoint.keep = 2, 2
+  straight = tmp_path / "straight"
+  train_and_evaluate(config, straight)
+  assert (straight / "tokenizer.json").read_bytes() == hf_file.read_bytes()
+  resumed = tmp_path / "resumed"
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "4")  # as if killed after the step-2 checkpoint
+  train_and_evaluate(config, resumed)
+
+  def restore(workdir):
+    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", every_steps=1, keep=5)
+    state = ckpt.manager.restore(4, args=checkpoints.ocp.args.Composite(
+        state=checkpoints.ocp.args.StandardRestore()))["state"]
+    ckpt.close()
+    return state
+  a, b = restore(straight), restore(resumed)
+  for name in ("params", "opt_state", "step", "rng"):
+    for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
+      np.testing.assert_array_equal(x, y, err_msg=name)
+  model = inference.UnifiedModel.from_checkpoint(resumed)
+  assert model.vocab.kind == text_tokenizers.HF_TOKENIZER
+  assert model.vocab.encode("a red flower") == sequence.Vocabulary.from_text_config(
+      config.text, config.model.special_tokens).encode("a red flower")

@@ -125,15 +125,16 @@ def test_step_trains_projector_and_llm_in_sft_and_keeps_the_tokenizer(single):
   assert int(new.step) == 1
 
 
-def test_alignment_stage_trains_the_projector_only(batch):
-  config = tiny_config("alignment")
+@pytest.mark.parametrize("llm", ["tiny", "tiny_qwen2"])
+def test_alignment_stage_trains_the_projector_only(batch, llm):
+  config = tiny_config("alignment", llm)
   config.optimizer.lr = 1e-3
   first, new, metrics, _ = run_steps(config, batch, (1, 1, 1), steps=2)
   assert metrics["finite"] == 1.0
   changed = _changed(first.params, new.params)
   assert changed and all(k.startswith("projector/") for k in changed), changed
   frozen = [k for k in layout.flatten(first.params) if k.startswith("llm/")]
-  assert len(frozen) > 20 and not set(frozen) & changed  # bitwise unchanged
+  assert len(frozen) >= 20 and not set(frozen) & changed  # bitwise unchanged
   modules = S.Modules(config)
   trainable, total = O.count_trainable(first.params, modules.masks(first.params))
   projector = sum(np.size(v) for k, v in layout.flatten(first.params).items()
@@ -144,8 +145,9 @@ def test_alignment_stage_trains_the_projector_only(batch):
   assert moments < 3 * projector
 
 
-def test_generation_stage_trains_the_heads_only(batch):
-  config = tiny_config("generation")
+@pytest.mark.parametrize("llm", ["tiny", "tiny_qwen2"])
+def test_generation_stage_trains_the_heads_only(batch, llm):
+  config = tiny_config("generation", llm)
   config.optimizer.lr = 1e-3
   first, new, metrics, _ = run_steps(config, batch, (1, 1, 1), steps=2)
   assert metrics["finite"] == 1.0

@@ -96,13 +96,14 @@ def load_training_run(path: str | os.PathLike):
   """The tokenizer of a `dualtoken_jax.train` run (its newest checkpoint, or the step
   directory `path`): params and EMA codebooks, without optimiser, teacher or discriminator."""
   step_dir, config = checkpoints.read_run(path, "tokenizer")
-  config = ml_collections.ConfigDict(config)
+  # merged over today's defaults first: a run saved before a model field existed still loads
+  model = model_config.from_dict(ml_collections.ConfigDict(config).model)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          abstract_variables(config.model))
+                          abstract_variables(model))
   variables = checkpoints.restore_subtrees(step_dir, {
       "params": abstract["params"], "vq_stats": abstract["vq_stats"]})
-  return model_config.from_dict(config.model), layout.to_host(variables)
+  return model, layout.to_host(variables)
 
 
 def load(path: str | os.PathLike):

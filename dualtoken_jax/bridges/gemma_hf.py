@@ -11,8 +11,9 @@ ours (k_proj and v_proj -> `kv_einsum`, gate_proj and up_proj -> `gating_einsum`
 strict: every missing, unexpected or misshaped key is listed in one `CheckpointError` (a tied
 checkpoint may omit `lm_head.weight`, or hold a copy equal to the embedding; an untied one must
 have it).
-`load_params` also fits a checkpoint to a decoder config with a larger vocabulary (the MLLM's
-appended special tokens) and places the params in their shardings.
+`load_params` streams a checkpoint into a decoder config's shardings, parameter by parameter (the
+host never holds the model), and fits it to a larger vocabulary (the MLLM's appended special
+tokens).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -142,9 +143,8 @@ def text_prefix(tensors: Mapping[str, object]) -> str:
   return "model."
 
 
-def import_tensors(tensors: Mapping[str, np.ndarray], config, what: str = "HF checkpoint"
-                   ) -> dict[str, np.ndarray]:
-  """HF state dict -> our loop-layout flat params (dtypes as stored)."""
+def _rule_table(tensors: Mapping[str, object], config) -> dict[str, Any]:
+  """The arguments of `rules.import_tensors` / `rules.Pending` for a HF state dict."""
   prefix = text_prefix(tensors)
   multimodal = prefix != "model."
   other = []
@@ -155,8 +155,14 @@ def import_tensors(tensors: Mapping[str, np.ndarray], config, what: str = "HF ch
       other.append(f"{head} differs from {prefix}embed_tokens.weight, but the config ties them "
                    "(tie_embeddings / HF tie_word_embeddings)")
   ignore = lambda k: (tied and k in _LM_HEADS) or (multimodal and k.startswith(_MULTIMODAL))
-  flat = R.import_tensors(tensors, rules(config, prefix), S.param_shapes(config, scan_layers=False),
-                          what, ignore=ignore, other=other)
+  return dict(tensors=tensors, rules=rules(config, prefix),
+              expected=S.param_shapes(config, scan_layers=False), ignore=ignore, other=other)
+
+
+def import_tensors(tensors: Mapping[str, np.ndarray], config, what: str = "HF checkpoint"
+                   ) -> dict[str, np.ndarray]:
+  """HF state dict -> our loop-layout flat params (dtypes as stored)."""
+  flat = R.import_tensors(what=what, **_rule_table(tensors, config))
   return {k: np.asarray(v) for k, v in flat.items()}
 
 
@@ -193,8 +199,8 @@ def read_dir(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def open_dir(path: str | Path) -> dict[str, Any]:
-  """Like `read_dir`, but each tensor is read only when a rule converts it (so loading holds
-  about one copy of the model in host memory, not the raw file and the converted params)."""
+  """Like `read_dir`, but each tensor is read only when a rule converts it (`load` holds one
+  converted copy of the model in host memory; `load_params` one parameter)."""
   path = Path(path)
   index = path / "model.safetensors.index.json"
   if index.is_file():
@@ -231,36 +237,50 @@ ARCHITECTURE = ("family", "width", "depth", "num_heads", "num_kv_heads", "head_d
 def load_params(path: str | Path, config, mesh: Mesh | None = None,
                 rules: Sequence[tuple[str, Any]] = S.DEFAULT_RULES, seed: int = 0):
   """A HF checkpoint directory as params of decoder `config`, in its layout, `param_dtype` and
-  shardings on `mesh`. The config's vocabulary may be larger than the checkpoint's: the new
-  embedding rows are drawn ~ N(0, 0.02) from `seed`. The architectures must agree."""
+  shardings on `mesh`, streamed: each parameter is read from the safetensors files, converted,
+  placed into its sharding and dropped from host memory before the next is read, so the host
+  holds one (stacked) parameter at a time, not the model. The config's vocabulary may be larger
+  than the checkpoint's: the new embedding rows are drawn ~ N(0, 0.02) from `seed`. The
+  architectures must agree; keys and shapes are checked before any tensor is read."""
   hf = hf_config.config_from_hf(read_config(path))
   different = [f"{k}: checkpoint {hf[k]!r}, config {config[k]!r}" for k in ARCHITECTURE
                if _normal(hf[k]) != _normal(config[k])]
   if hf.vocab_size > config.vocab_size:
     different.append(f"vocab_size: checkpoint {hf.vocab_size} > config {config.vocab_size}")
+  what = f"HF checkpoint {path}"
   if different:
-    raise CheckpointError(f"HF checkpoint {path} vs the decoder config", other=different)
-  flat, _ = load(path, hf)
-  new = config.vocab_size - flat[gemma_orbax.EMBEDDING].shape[0]
+    raise CheckpointError(f"{what} vs the decoder config", other=different)
+  pending = R.Pending(what=what, **_rule_table(open_dir(path), hf))
+  new = config.vocab_size - hf.vocab_size
+
+  def take(key: str) -> np.ndarray:
+    value = pending.take(key)
+    if new and key in (gemma_orbax.EMBEDDING, OUTPUT_EMBEDDING):  # the untied table grows too
+      value = np.asarray(gemma_orbax.fit_vocab(value, value.shape[0], new, seed))
+    return value
+
+  params = place_one_by_one(take, config, mesh, rules)
   if new:
-    for key in (gemma_orbax.EMBEDDING, OUTPUT_EMBEDDING):
-      if key in flat:  # the untied output table grows with the input one
-        table = flat[key]
-        flat[key] = np.asarray(gemma_orbax.fit_vocab(table, table.shape[0], new, seed))
-    logging.info("HF checkpoint %s: appended %d embedding rows for new tokens", path, new)
-  return place_one_by_one(flat, config, mesh, rules)
+    logging.info("%s: appended %d embedding rows for new tokens", what, new)
+  check_finite(params, what)
+  return params
 
 
-def place_one_by_one(flat_loop: dict[str, np.ndarray], config, mesh: Mesh | None = None,
+def place_one_by_one(take: Callable[[str], np.ndarray], config, mesh: Mesh | None = None,
                      rules: Sequence[tuple[str, Any]] = S.DEFAULT_RULES):
-  """Host loop-layout arrays -> device params in the config's layout, `param_dtype` and
-  shardings, one parameter at a time: each host array leaves `flat_loop` once placed, so the
-  host never holds more than the rest of the model plus one (stacked) parameter."""
+  """Loop-layout host arrays, produced one at a time by `take(path)` (e.g. `dict.pop`), ->
+  device params in the config's layout, `param_dtype` and shardings, one parameter at a time:
+  the host never holds more than one (stacked) parameter beyond what `take` keeps."""
   out = {}
   for path, target in layout.flatten(S.abstract_params(config, mesh, rules)).items():
-    host = [flat_loop.pop(p) for p in layout.block_paths(path, target.shape)]
-    value = host[0] if layout.stack_of(path) is None else np.stack(host)
-    out[path] = jax.device_put(np.asarray(value).astype(target.dtype), target.sharding)
+    if layout.stack_of(path) is None:
+      value = np.asarray(take(path)).astype(target.dtype, copy=False)
+    else:  # the stack filled block by block: one stacked parameter plus one block on the host
+      value = np.empty(target.shape, target.dtype)
+      for i, p in enumerate(layout.block_paths(path, target.shape)):
+        value[i] = take(p)
+    out[path] = jax.device_put(value, target.sharding)
+    del value
   return layout.unflatten(out)
 
 

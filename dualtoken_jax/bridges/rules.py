@@ -95,37 +95,110 @@ def import_tensors(tensors: Mapping[str, Array], rules: Sequence[Rule],
   the caller found. `adapt(path, value, expected_shape)` may fix a value before the shape check
   (e.g. resample a position embedding).
   """
-  declared = {k: (None if r.shapes is None else r.shapes[j])
-              for r in rules for j, k in enumerate(r.foreign)}
-  missing, unexpected, misshaped = tree_problems(tensors, declared, ignore=ignore)
-  bad = {k for k, s in declared.items()
-         if s is not None and k in tensors and tuple(tensors[k].shape) != tuple(s)}
-  ours: dict[str, Array] = {}
-  other = list(other)
-  for r in rules:
-    if any(k not in tensors or k in bad for k in r.foreign):
-      continue
+  pending = Pending(tensors, rules, expected, what, ignore, adapt, other, defer=True)
+  ours, problems = {}, [pending.problems]
+  for path in pending.paths:
     try:
-      values = r.to_ours(*(np.asarray(tensors[k]) for k in r.foreign))
+      ours[path] = pending.take(path)
     except CheckpointError as e:
-      other.extend(e.other)
-      continue
-    except ValueError as e:  # a reshape that cannot work: a shape problem
-      other.append(f"{', '.join(r.foreign)} {[tuple(tensors[k].shape) for k in r.foreign]}: {e}")
-      continue
-    for path, v in zip(r.ours, values, strict=True):
-      if adapt is not None and path in expected:
-        v = adapt(path, v, tuple(expected[path]))
-      if path in ours and not np.array_equal(ours[path], v):
-        other.append(f"{r.foreign[0]} differs from another copy of {path} (shared tensors must agree)")
-      ours[path] = v
-  misshaped += tree_problems(ours, {p: s for p, s in expected.items() if p in ours})[2]
-  covered = {p for r in rules for p in r.ours}
-  other += [f"{p}: no rule maps it (a bridge bug)" for p in expected if p not in covered]
-  err = CheckpointError(what, missing, unexpected, misshaped, other)
+      problems.append(e)
+  err = CheckpointError(what, [k for e in problems for k in e.missing],
+                        [k for e in problems for k in e.unexpected],
+                        [k for e in problems for k in e.misshaped],
+                        list(dict.fromkeys(k for e in problems for k in e.other)))
   if err.has_problems:
     raise err
   return ours
+
+
+class Pending:
+  """A rule table checked against a foreign dict, converted one rule at a time as its paths are
+  taken: loading a large checkpoint tensor by tensor into device shardings holds one converted
+  parameter (and the other outputs of its rule) in host memory, not the whole model.
+
+  The foreign side is checked at once (keys, and shapes where rules declare them: `tensors`
+  may be lazy, e.g. `tensor_files.open_safetensors`, so no tensor is read): a `CheckpointError`
+  lists every missing, unexpected and misshaped key. What only conversion reveals (a reshape that
+  cannot work, copies of a shared tensor that differ, a converted shape other than `expected`)
+  raises from `take(path)`, naming it. With `defer`, the first problems are kept in `problems`
+  instead of raised, and the paths of rules that can run are still taken (to list everything)."""
+
+  def __init__(self, tensors: Mapping[str, Array], rules: Sequence[Rule],
+               expected: Mapping[str, tuple], what: str,
+               ignore: Callable[[str], bool] = lambda k: False,
+               adapt: Callable[[str, Array, tuple], Array] | None = None,
+               other: Sequence[str] = (), *, defer: bool = False):
+    declared = {k: (None if r.shapes is None else r.shapes[j])
+                for r in rules for j, k in enumerate(r.foreign)}
+    missing, unexpected, misshaped = tree_problems(tensors, declared, ignore=ignore)
+    bad = {k for k, s in declared.items()
+           if s is not None and k in tensors and tuple(tensors[k].shape) != tuple(s)}
+    covered = {p for r in rules for p in r.ours}
+    other = list(other) + [f"{p}: no rule maps it (a bridge bug)" for p in expected
+                           if p not in covered]
+    self._tensors, self._expected, self._what, self._adapt = tensors, expected, what, adapt
+    # Rules whose inputs are missing or misshaped cannot run; the others convert on `take`.
+    self._rules = [r for r in rules if all(k in tensors and k not in bad for k in r.foreign)]
+    self._producers: dict[str, list[int]] = {}
+    for i, r in enumerate(self._rules):
+      for path in r.ours:
+        self._producers.setdefault(path, []).append(i)
+    self._ready: dict[int, dict[str, Array]] = {}  # rule -> its outputs not yet taken
+    for i, r in enumerate(self._rules):  # rules with no outputs (buffers) only check: run now
+      if not r.ours:
+        try:
+          self._run(i)
+        except CheckpointError as e:
+          other.extend(e.other)
+    # What the foreign side alone shows; `defer` leaves raising it to the caller.
+    self.problems = CheckpointError(what, missing, unexpected, misshaped, other)
+    if self.problems.has_problems and not defer:
+      raise self.problems
+
+  @property
+  def paths(self) -> list[str]:
+    """Our paths, in rule order."""
+    return list(self._producers)
+
+  def take(self, path: str) -> Array:
+    """The converted array of `path` (each path once)."""
+    first, *copies = self._producers.pop(path)
+    value = self._output(first, path)
+    for i in copies:
+      if not np.array_equal(value, self._output(i, path)):
+        raise CheckpointError(self._what, other=[
+            f"{self._rules[i].foreign[0]} differs from another copy of {path} (shared tensors "
+            "must agree)"])
+    if path in self._expected and tuple(value.shape) != tuple(self._expected[path]):
+      raise CheckpointError(self._what, misshaped=tree_problems(
+          {path: value}, {path: self._expected[path]})[2])
+    return value
+
+  def _output(self, i: int, path: str) -> Array:
+    if i not in self._ready:
+      self._run(i)
+    outputs = self._ready[i]
+    value = outputs.pop(path)
+    if not outputs:
+      del self._ready[i]
+    return value
+
+  def _run(self, i: int) -> None:
+    r = self._rules[i]
+    try:
+      values = r.to_ours(*(np.asarray(self._tensors[k]) for k in r.foreign))
+    except CheckpointError as e:
+      raise CheckpointError(self._what, other=e.other) from e
+    except ValueError as e:  # a reshape that cannot work: a shape problem
+      shapes = [tuple(self._tensors[k].shape) for k in r.foreign]
+      raise CheckpointError(self._what, other=[f"{', '.join(r.foreign)} {shapes}: {e}"]) from e
+    outputs = {}
+    for path, v in zip(r.ours, values, strict=True):
+      if self._adapt is not None and path in self._expected:
+        v = self._adapt(path, v, tuple(self._expected[path]))
+      outputs[path] = v
+    if outputs:
+      self._ready[i] = outputs
 
 
 def export_tensors(ours: Mapping[str, Array], rules: Sequence[Rule]) -> dict[str, Array]:

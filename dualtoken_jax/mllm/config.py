@@ -165,8 +165,9 @@ def paper_model(llm_variant: str, tokenizer_spec: str, **kwargs) -> ml_collectio
   return model_config(llm, tokenizer, **kwargs)
 
 
-# The args every paper-stage config file takes (`configs/mllm_*.py:llm=…,tokenizer=…`).
-PAPER_ARGS = dict(llm="gemma2_2b", tokenizer="dualtoken_siglip_l16", visual="code_embeddings",
+# The args every paper-stage config file takes (`configs/mllm_*.py:llm=…,tokenizer=…`); the
+# default decoder is the paper's, Qwen2.5-3B.
+PAPER_ARGS = dict(llm="qwen2.5_3b", tokenizer="dualtoken_siglip_l16", visual="code_embeddings",
                   attention="causal", head_width=0)
 
 
