@@ -33,6 +33,10 @@ CASES = {
     "generate": (["--config=demo_mllm_cpu:test", "--skip_2b", "--images=1", "--iters=1",
                   "--warmup=0", "--cfg=on"],
                  [r"CFG \(batch 2B\) +\d+ image positions/s", rf"{NUMBER} s/image"]),
+    # Timing it, even --smoke, takes minutes on CPU: here only its plan (arguments and sections).
+    "device": (["--plan", "--models", "so400m"],
+               [r"attention impls \['chunked', 'xla'", r"plan: attention \(8, 729, 16, 72\)",
+                r"plan: nearest \(23328, 16384, 32\)", r"plan: train_step \('dualtoken_so400m', 32\)"]),
 }
 
 

@@ -9,6 +9,8 @@
               compile-only), and the memory of a Gemma-2B-shaped SFT step under fsdp=8
   generate    MLLM image generation: image positions/s and s/image with and without CFG
               (demo model timed, Gemma-2B-shaped compile-only)
+  device      the GPU/TPU check (under 8 min): attention implementations side by side, the
+              fused Pallas nearest-code kernel vs XLA, B/16-224 and So400m-384 bf16 steps + MFU
 
 Each prints median times (after warm-up), XLA's FLOP and memory figures, and the achieved
 GFLOP/s as a fraction of a plain matmul measured in the same run. README figures come from here.
@@ -18,7 +20,8 @@ import importlib
 import os
 import sys
 
-BENCHMARKS = ("quantizer", "encode", "train_step", "memory", "evaluate", "decode", "generate")
+BENCHMARKS = ("quantizer", "encode", "train_step", "memory", "evaluate", "decode", "generate",
+              "device")
 
 
 def main(argv: list[str]) -> int:

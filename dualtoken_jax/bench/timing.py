@@ -1,7 +1,8 @@
 """Shared benchmark plumbing: compile once, read XLA's cost and memory analyses, time medians.
 
 Speed is reported as achieved GFLOP/s next to a plain f32 matmul measured in the same process,
-because absolute times on shared machines are noisy but ratios within one run are not.
+because absolute times on shared machines are noisy but ratios within one run are not; on a chip
+with a known bf16 peak (`training/perf.py`: TPU v4-v6e, A100/H100/H200) also as MFU.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from dualtoken_jax.training import perf
 
 
 @dataclasses.dataclass
@@ -79,12 +82,21 @@ def matmul_baseline(n: int = 2048, iters: int = 20, warmup: int = 2) -> Measurem
   return measure(f"matmul f32 {n}x{n}", jnp.matmul, (a, b), iters=iters, warmup=warmup)
 
 
+def mfu(r: Measurement, peak: float | None) -> str:
+  """Model FLOPs utilisation of one device against its bf16 peak; "-" where none is known."""
+  return f"{100 * r.flops / r.median_s / peak:5.1f}%" if peak else "-"
+
+
 def table(rows: list[Measurement], baseline: Measurement) -> str:
-  head = f"{'benchmark':44s} {'median ms':>10s} {'GFLOP':>9s} {'GFLOP/s':>9s} {'% matmul':>9s} {'peak MiB':>9s} {'temp MiB':>9s}"
+  peak = perf.peak_flops()
+  head = (f"{'benchmark':44s} {'median ms':>10s} {'GFLOP':>9s} {'GFLOP/s':>9s} {'% matmul':>9s} "
+          f"{'peak MiB':>9s} {'temp MiB':>9s} {'MFU':>6s}")
   lines = [head, "-" * len(head)]
   for r in [baseline] + rows:
     lines.append(f"{r.name:44s} {r.median_s * 1e3:10.2f} {r.flops / 1e9:9.2f} {r.gflops_per_s:9.1f} "
                  f"{100 * r.gflops_per_s / baseline.gflops_per_s:8.1f}% {r.peak_bytes / 2**20:9.1f} "
-                 f"{r.temp_bytes / 2**20:9.1f}")
+                 f"{r.temp_bytes / 2**20:9.1f} {mfu(r, peak):>6s}")
+  if peak is None:
+    lines.append("MFU: no bf16 peak known for this device (training/perf.py), FLOP/s only")
   lines.append(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
   return "\n".join(lines)

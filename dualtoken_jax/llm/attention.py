@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from dualtoken_jax.llm import config as C
+from dualtoken_jax.models import attention as attention_impls
 from dualtoken_jax.models import partitioning as P
 
 # Masked logits (gm/big_vision value): finite, so fully masked rows cannot produce NaNs.
@@ -182,7 +183,12 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       new_cache = (k, v)
     mask = window_mask(mask, positions, k_positions, window)
-    out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask, c.attn_logit_softcap)
+    if c.attention_impl == "chunked":
+      out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask, c.attn_logit_softcap)
+    else:  # queries are already scaled
+      out = attention_impls.attend(q, k.astype(dtype), v.astype(dtype), impl=c.attention_impl,
+                                   mask=mask[:, None], scale=1.0, interpret=c.pallas_interpret,
+                                   field="llm.attention_impl")
     out = einsum((n, h, d), ("heads", "kv", "embed"), fan_in_init((0, 1), 2),
                  "attn_vec_einsum")("btnh,nhd->btd", out)
     return out, new_cache

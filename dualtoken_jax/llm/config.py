@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from dualtoken_jax import config_files
-from dualtoken_jax.models.config import REMAT_POLICIES
+from dualtoken_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
 
 LOCAL, GLOBAL = "local", "global"
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
@@ -99,6 +99,10 @@ def gemma_config(*, family: str, vocab_size: int, width: int, depth: int, num_he
       param_dtype="float32",
       scan_layers=False,
       remat_policy="none",    # none | full | dots | dots_no_batch
+      # "chunked" (the decoder's own einsum attention: the default, the only one with logit
+      # soft-capping), "xla", "cudnn" (GPU) or "pallas_tpu" (TPU); see models/attention.py.
+      attention_impl="chunked",
+      pallas_interpret=False,  # run the Pallas TPU kernel in its interpreter (tests only)
   ))
   if rope_base is not None:
     family_fields.update(rope_base_local=rope_base, rope_base_global=rope_base)
@@ -267,6 +271,11 @@ def validate(config) -> None:
            f"original_max_position_embeddings), all > 0 with high > low, got {r!r}")
   _check(config.remat_policy in REMAT_POLICIES,
          f"remat_policy {config.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+  _check(config.attention_impl in ATTENTION_IMPLS,
+         f"attention_impl must be one of {ATTENTION_IMPLS}, got {config.attention_impl!r}")
+  _check(config.attention_impl == "chunked" or config.attn_logit_softcap is None,
+         f"attention_impl {config.attention_impl!r} has no logit soft-capping: with "
+         f"attn_logit_softcap={config.attn_logit_softcap} use attention_impl='chunked'")
   for name in ("dtype", "param_dtype"):
     _check(config[name] in ("float32", "bfloat16", "float16"),
            f"{name} must be float32, bfloat16 or float16, got {config[name]!r}")

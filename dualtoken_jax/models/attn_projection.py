@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from dualtoken_jax.models.chunked_attention import query_chunked
+from dualtoken_jax.models import attention as attention_impls
 
 Dtype = Any
 # PyTorch's default Linear init (kaiming-uniform, a=sqrt(5)) is U(+-1/sqrt(fan_in)).
@@ -41,6 +41,8 @@ class ProjectionAttention(nn.Module):
   causal: bool
   dtype: Dtype = jnp.float32
   attention_chunk: int = 0  # queries per attention block; 0 = all at once
+  attention_impl: str = attention_impls.DEFAULT  # an attention.IMPLS name
+  pallas_interpret: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -53,9 +55,9 @@ class ProjectionAttention(nn.Module):
     v_bias = self.param("v_bias", nn.initializers.zeros, (a,), jnp.float32)
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, head_dim), 3, axis=2)
-    mask = nn.make_causal_mask(jnp.ones((b, n), bool)) if self.causal else None
-    attend = query_chunked(self.attention_chunk)
-    y = attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask=mask, dtype=self.dtype)
+    y = attention_impls.attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], impl=self.attention_impl,
+                               causal=self.causal, chunk=self.attention_chunk,
+                               interpret=self.pallas_interpret, dtype=self.dtype)
     if in_dim > self.out_dim:
       y = jnp.mean(y, axis=2)  # (b, n, head_dim): the heads vote on the low-dim vector
       if head_dim != self.out_dim:
@@ -87,6 +89,8 @@ class AttnProjection(nn.Module):
   mlp_ratio: int = 2
   dtype: Dtype = jnp.float32
   attention_chunk: int = 0
+  attention_impl: str = attention_impls.DEFAULT
+  pallas_interpret: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -94,6 +98,8 @@ class AttnProjection(nn.Module):
     y = nn.Dense(self.out_dim, kernel_init=torch_linear_init, dtype=self.dtype, name="proj")(
         ln(name="norm3")(x))
     y = y + ProjectionAttention(self.out_dim, self.num_heads, self.causal, dtype=self.dtype,
-                                attention_chunk=self.attention_chunk, name="attn")(ln(name="norm1")(x))
+                                attention_chunk=self.attention_chunk,
+                                attention_impl=self.attention_impl,
+                                pallas_interpret=self.pallas_interpret, name="attn")(ln(name="norm1")(x))
     return y + GeGluMlp(self.out_dim * self.mlp_ratio, dtype=self.dtype, name="mlp")(
         ln(name="norm2")(y))

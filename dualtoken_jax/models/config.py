@@ -13,6 +13,7 @@ import math
 import ml_collections
 
 from dualtoken_jax import config_files
+from dualtoken_jax.quantization.pallas_nearest import IMPLS as NEAREST_CODE_IMPLS
 
 # SigLIP vision widths (big_vision `vit.decode_variant`): width, depth, mlp_dim, heads.
 VIT_VARIANTS = {
@@ -93,6 +94,18 @@ def tokenizer_config(*, vision, image_size, layer_recon, layer_sem, layer_shortc
       # Queries per attention block in the image tower and the projections (0 = all at once):
       # the same result without a full (B, heads, tokens, tokens) map (training memory).
       attention_chunk=0,
+      # How the image tower and the projections attend (`models/attention.py`): "chunked" (the
+      # default: Flax attention, `attention_chunk` queries at a time), "xla"
+      # (jax.nn.dot_product_attention), "cudnn" (GPU) or "pallas_tpu" (the TPU flash kernel).
+      attention_impl="chunked",
+      # How the quantizers find the nearest code (`quantization/pallas_nearest.py`): "xla" (the
+      # default: the chunked argmin), "auto" (the fused Pallas kernel on GPU/TPU, XLA elsewhere)
+      # or "pallas". The kernel is tested in the Pallas interpreter only: it becomes the default
+      # once `bench device` has checked it compiled on a real GPU/TPU.
+      nearest_code_impl="xla",
+      # Run the Pallas kernels (attention_impl="pallas_tpu", nearest_code_impl="pallas") in the
+      # Pallas interpreter on any backend: the same numbers, very slowly (tests, debugging).
+      pallas_interpret=False,
   ))
 
 
@@ -190,6 +203,10 @@ def validate(config) -> None:
          "GroupNorm(32) needs decoder.ch, decoder.in_channels and vision.width divisible by 32")
   _check(config.remat_policy in REMAT_POLICIES,
          f"remat_policy {config.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+  _check(config.attention_impl in ATTENTION_IMPLS,
+         f"attention_impl must be one of {ATTENTION_IMPLS}, got {config.attention_impl!r}")
+  _check(config.nearest_code_impl in NEAREST_CODE_IMPLS,
+         f"nearest_code_impl must be one of {NEAREST_CODE_IMPLS}, got {config.nearest_code_impl!r}")
   if config.text is not None:
     t = config.text
     _check(t.width % t.num_heads == 0, f"text.width {t.width} not divisible by text.num_heads {t.num_heads}")
@@ -202,6 +219,10 @@ REMAT_POLICIES = {
     "dots": "dots_saveable",
     "dots_no_batch": "dots_with_no_batch_dims_saveable",
 }
+
+
+# The implementations `models/attention.py` offers (named here, with the other config data).
+ATTENTION_IMPLS = ("xla", "chunked", "cudnn", "pallas_tpu")
 
 
 def _check(ok: bool, message: str) -> None:

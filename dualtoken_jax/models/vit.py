@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dualtoken_jax.models import partitioning as P
-from dualtoken_jax.models.chunked_attention import query_chunked
+from dualtoken_jax.models import attention as attention_impls
 
 Dtype = Any
 
@@ -43,14 +43,16 @@ class MlpBlock(nn.Module):
     return x
 
 
-def attention(num_heads: int, dtype: Dtype, name: str,
-              query_chunk: int = 0) -> nn.MultiHeadDotProductAttention:
+def attention(num_heads: int, dtype: Dtype, name: str, query_chunk: int = 0,
+              impl: str = attention_impls.DEFAULT,
+              interpret: bool = False) -> nn.MultiHeadDotProductAttention:
   """Flax MHA with big_vision's kernel layout (query (D,H,hd), out (H,hd,D)) and logical axes;
+  `impl` is an `attention.IMPLS` name (the parameters do not depend on it); with "chunked",
   `query_chunk` > 0 computes the attention that many queries at a time (same result)."""
   xavier = nn.initializers.xavier_uniform()
   return nn.MultiHeadDotProductAttention(
       num_heads=num_heads, dtype=dtype, deterministic=True, name=name,
-      attention_fn=query_chunked(query_chunk),
+      attention_fn=attention_impls.flax_attention_fn(impl, query_chunk, interpret),
       kernel_init=P.boxed(xavier, ("embed", "heads", "kv")),
       bias_init=P.boxed(nn.initializers.zeros, ("heads", "kv")),
       out_kernel_init=P.boxed(xavier, ("heads", "kv", "embed")),
@@ -64,6 +66,8 @@ class Encoder1DBlock(nn.Module):
   layer_norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   attention_chunk: int = 0
+  attention_impl: str = attention_impls.DEFAULT
+  pallas_interpret: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -73,7 +77,7 @@ class Encoder1DBlock(nn.Module):
                            bias_init=P.boxed(nn.initializers.zeros, ("norm",)))
     y = ln(name="LayerNorm_0")(x)
     y = attention(self.num_heads, self.dtype, "MultiHeadDotProductAttention_0",
-                  self.attention_chunk)(y, y)
+                  self.attention_chunk, self.attention_impl, self.pallas_interpret)(y, y)
     x = x + y
     y = ln(name="LayerNorm_1")(x)
     y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
@@ -95,6 +99,8 @@ class Encoder(nn.Module):
   remat_policy: str | None = None  # a `jax.checkpoint_policies` name; None = no remat
   dtype: Dtype = jnp.float32
   attention_chunk: int = 0  # queries per attention block; 0 = all at once
+  attention_impl: str = attention_impls.DEFAULT  # an attention.IMPLS name
+  pallas_interpret: bool = False  # Pallas kernels in the TPU interpreter (tests)
 
   def setup(self):
     if self.scan:
@@ -108,6 +114,8 @@ class Encoder(nn.Module):
       self.blocks = [cls(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                          layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
                          attention_chunk=self.attention_chunk,
+                         attention_impl=self.attention_impl,
+                         pallas_interpret=self.pallas_interpret,
                          name=f"encoderblock_{i}") for i in range(self.depth)]
     self.encoder_norm = nn.LayerNorm(
         epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm",
@@ -148,7 +156,9 @@ class Encoder(nn.Module):
     # parent=None: a free-standing module whose params the scan passes in explicitly.
     return Encoder1DBlock(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                           layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
-                          attention_chunk=self.attention_chunk, parent=None)
+                          attention_chunk=self.attention_chunk,
+                          attention_impl=self.attention_impl,
+                          pallas_interpret=self.pallas_interpret, parent=None)
 
   def _init_stacked(self, rng):
     """All blocks' params stacked on axis 0, with the logical axis name "layers" prepended."""
@@ -167,6 +177,8 @@ class MAPHead(nn.Module):
   num_heads: int
   layer_norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  attention_impl: str = attention_impls.DEFAULT
+  pallas_interpret: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -174,7 +186,8 @@ class MAPHead(nn.Module):
     probe = self.param("probe", P.boxed(nn.initializers.xavier_uniform(), (None, None, "embed")),
                        (1, 1, d), jnp.float32)
     probe = jnp.tile(probe, [n, 1, 1]).astype(self.dtype)
-    x = attention(self.num_heads, self.dtype, "MultiHeadDotProductAttention_0")(probe, x)
+    x = attention(self.num_heads, self.dtype, "MultiHeadDotProductAttention_0",
+                  impl=self.attention_impl, interpret=self.pallas_interpret)(probe, x)
     y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
     x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
     return x[:, 0]
@@ -197,6 +210,8 @@ class VisionTower(nn.Module):
   remat_policy: str | None = None
   dtype: Dtype = jnp.float32
   attention_chunk: int = 0
+  attention_impl: str = attention_impls.DEFAULT
+  pallas_interpret: bool = False
 
   def setup(self):
     p = self.patch_size
@@ -210,9 +225,12 @@ class VisionTower(nn.Module):
     self.Transformer = Encoder(
         width=self.width, depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         layer_norm_eps=self.layer_norm_eps, scan=self.scan, remat_policy=self.remat_policy,
-        dtype=self.dtype, attention_chunk=self.attention_chunk)
+        dtype=self.dtype, attention_chunk=self.attention_chunk, attention_impl=self.attention_impl,
+        pallas_interpret=self.pallas_interpret)
     self.MAPHead_0 = MAPHead(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-                             layer_norm_eps=self.layer_norm_eps, dtype=self.dtype)
+                             layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                             attention_impl=self.attention_impl,
+                             pallas_interpret=self.pallas_interpret)
 
   def embed(self, images):
     """(B,H,W,3) in [-1,1] -> (B, grid*grid, width) tokens in raster order."""

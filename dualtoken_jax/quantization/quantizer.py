@@ -12,6 +12,7 @@ mode (`train=True`, `mutable=["vq_stats"]`, an rng stream "vq" for restarts) upd
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dualtoken_jax.quantization import codebook_ema
+from dualtoken_jax.quantization import pallas_nearest
 from dualtoken_jax.quantization import residual as rvq
 
 COLLECTION = "vq_stats"
@@ -41,6 +43,8 @@ class ResidualQuantizer(nn.Module):
   ema_update: str = "per_level"
   reference_aliasing_bug: bool = False
   distance_chunk: int = 2048
+  nearest_code_impl: str = "xla"  # pallas_nearest.IMPLS ("auto": the fused kernel on GPU/TPU)
+  pallas_interpret: bool = False   # the Pallas kernel in its interpreter, on any backend (tests)
   axis_name: str | tuple[str, ...] | None = None  # set only inside shard_map/pmap
 
   def setup(self):
@@ -69,7 +73,10 @@ class ResidualQuantizer(nn.Module):
         state = self._ema(state, residual, codes, keys[level])
         return state["codebook"]
 
-    result = rvq.residual_quantize(flat, state["codebook"], self.depth, self.distance_chunk, hook)
+    nearest = functools.partial(pallas_nearest.search, impl=self.nearest_code_impl,
+                                chunk=self.distance_chunk, interpret=self.pallas_interpret)
+    result = rvq.residual_quantize(flat, state["codebook"], self.depth, self.distance_chunk, hook,
+                                   nearest)
     if update and self.ema_update == "pooled":
       state = self._ema(state, self._pooled_vectors(result), result.codes.T, keys[0])
     if update:

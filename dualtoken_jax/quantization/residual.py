@@ -63,18 +63,22 @@ LevelHook = Callable[[int, jax.Array, jax.Array], jax.Array]
 
 
 def residual_quantize(z: jax.Array, codebook: jax.Array, depth: int, chunk: int = 2048,
-                      after_level: LevelHook | None = None) -> RVQResult:
+                      after_level: LevelHook | None = None,
+                      nearest: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+                      ) -> RVQResult:
   """Quantises `z` (N, d) in `depth` residual steps with one shared codebook.
 
   Level d picks k_d = argmin ‖r_{d−1} − e_k‖, emits q_d = e_{k_d} from the table it searched,
   and hands the next level r_d = r_{d−1} − q_d. `after_level`, if given, returns the table the
-  next level uses (the pixel branch's per-level EMA update). No gradient flows through here.
+  next level uses (the pixel branch's per-level EMA update). `nearest(x, codebook)`, if given,
+  replaces `nearest_code(x, codebook, chunk)` (e.g. the fused Pallas kernel, `pallas_nearest.py`).
+  No gradient flows through here.
   """
   residual = jax.lax.stop_gradient(z).astype(jnp.float32)
   total = jnp.zeros_like(residual)
   codes, sums, inputs = [], [], []
   for level in range(depth):
-    idx = nearest_code(residual, codebook, chunk)
+    idx = nearest_code(residual, codebook, chunk) if nearest is None else nearest(residual, codebook)
     q = jnp.take(codebook, idx, axis=0).astype(jnp.float32)
     inputs.append(residual)
     if after_level is not None:
