@@ -43,6 +43,8 @@ class DualTokenizer:
     m = self.model
     self._encode = jax.jit(lambda v, x: m.apply(v, x, method=DualToken.encode))
     self._decode = jax.jit(lambda v, c: m.apply(v, c, method=DualToken.decode_codes))
+    self._decode_levels = jax.jit(
+        lambda v, c, k: m.apply(v, c, k, method=DualToken.decode_code_levels))
     self._reconstruct = jax.jit(lambda v, x: m.apply(v, x)["recon"])
     self._code_embeddings = jax.jit(lambda v, p, s: m.apply(v, p, s, method=DualToken.code_embeddings))
 
@@ -109,6 +111,22 @@ class DualTokenizer:
   def decode(self, pixel_codes) -> jax.Array:
     """Pixel codes (B, h, w, D) -> images (B, H, W, 3) float32, nominally in [-1, 1]."""
     return self._decode(self.variables, self._codes(pixel_codes, self.config.vq_pix, "pixel"))
+
+  def decode_levels(self, pixel_codes, levels) -> jax.Array:
+    """Images decoded from the first `levels` residual levels of the pixel codes (B, h, w, D):
+    an int, or one int per image, in [1, D] (D is `decode`). Shows how detail arrives level by
+    level; equal to decoding `pixel_codes[..., :k]` (the finer levels left out of the sum)."""
+    codes = self._codes(pixel_codes, self.config.vq_pix, "pixel")
+    depth = self.config.vq_pix.depth
+    levels = np.asarray(levels)
+    if not np.issubdtype(levels.dtype, np.integer) or levels.ndim > 1 or (
+        levels.ndim == 1 and levels.shape[0] != codes.shape[0]):
+      raise ValueError(f"levels must be an int or one int per image ({codes.shape[0]}), got "
+                       f"{levels!r}")
+    if levels.size and (levels.min() < 1 or levels.max() > depth):
+      raise ValueError(f"levels must lie in [1, {depth}] (the pixel depth), got {levels.tolist()}")
+    levels = np.broadcast_to(levels, codes.shape[:1]).astype(np.int32)
+    return self._decode_levels(self.variables, codes, jnp.asarray(levels))
 
   def reconstruct(self, images) -> jax.Array:
     return self._reconstruct(self.variables, self._images(images))

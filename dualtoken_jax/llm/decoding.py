@@ -4,7 +4,8 @@ The cache has a fixed number of slots S (static shapes under jit). All rows writ
 at each step; each row keeps its own RoPE positions and its own mask of valid slots, so prompts
 padded on the left or on the right (or with holes) decode exactly like unpadded ones.
 The loop is a `lax.while_loop` (no Python loop per token) that ends early once every row has
-emitted an end-of-sequence token; later tokens are `pad_id`.
+emitted an end-of-sequence token; later tokens are `pad_id`. `stream` is the same loop stepped
+from Python, yielding each token as it is sampled (for a chat that shows the answer being written).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dualtoken_jax.llm import masks
 from dualtoken_jax.llm import sampling
@@ -124,6 +126,59 @@ def generate(model: GemmaDecoder, params, prompt, prompt_mask, rng, *, max_new_t
   carry = (jnp.zeros((), jnp.int32), tokens, logits, cache, valid, done, rng, scores)
   carry = jax.lax.while_loop(cond, body, carry)
   return (carry[1], carry[7]) if return_logits else carry[1]
+
+
+def stream(model: GemmaDecoder, params, prompt, prompt_mask, rng, *, max_new_tokens: int,
+           temperature=0.0, top_k=0, top_p=1.0, eos_ids=(), pad_id=0, prompt_embeddings=None,
+           prompt_attn_mask=None):
+  """`generate`, one token at a time: yields each step's new tokens, (B,) int32 numpy, as soon
+  as they are sampled (to show an answer while it is written), until every row has emitted an
+  EOS id or `max_new_tokens` are out. The same prefill, per-step key split, sampling and masks
+  as `generate`'s loop, so the same arguments give the same tokens; each step is one jitted
+  call (the sampling options are traced, as there)."""
+  b, p = prompt.shape
+  g = int(max_new_tokens)
+  prompt_mask = jnp.asarray(prompt_mask, bool)
+  logits, cache = _stream_prefill(model, params, prompt, prompt_mask, p + g, prompt_embeddings,
+                                  prompt_attn_mask)
+  lengths = prompt_mask.sum(axis=1).astype(jnp.int32)
+  valid = jnp.concatenate([prompt_mask, jnp.zeros((b, g), bool)], axis=1)
+  done = np.zeros((b,), bool)
+  eos = np.asarray(eos_ids, np.int32).reshape(-1)
+  options = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+  for t in range(g):
+    rng, token = _stream_sample(logits, rng, *options)
+    token = np.where(done, np.int32(pad_id), np.asarray(token))
+    yield token
+    done = done | np.isin(token, eos)
+    if t + 1 == g or done.all():
+      return
+    valid = valid.at[:, p + t].set(True)
+    logits, cache = _stream_feed(model, params, cache, jnp.asarray(token), lengths + t, valid,
+                                 jnp.int32(p + t))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cache_size"))
+def _stream_prefill(model, params, prompt, prompt_mask, cache_size, prompt_embeddings,
+                    prompt_attn_mask):
+  x = embed(model, params, prompt) if prompt_embeddings is None else prompt_embeddings
+  pre, cache = prefill(model, params, x, prompt_mask, cache_size, prompt_attn_mask)
+  b = prompt.shape[0]
+  return logits_of(model, params, pre[jnp.arange(b), last_valid_index(prompt_mask)]), cache
+
+
+@jax.jit
+def _stream_sample(logits, rng, temperature, top_k, top_p):
+  rng, key = jax.random.split(rng)
+  return rng, sampling.sample(logits, key, temperature, top_k, top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _stream_feed(model, params, cache, token, positions, valid, slot):
+  x = embed(model, params, token[:, None])
+  pre, cache = extend(model, params, cache, x, positions[:, None],
+                      masks.decode_step_mask(valid, slot))
+  return logits_of(model, params, pre[:, 0]), cache
 
 
 def init_cache(config, batch: int, size: int) -> dict:

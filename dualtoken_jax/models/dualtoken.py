@@ -35,16 +35,18 @@ def vision_tower(config, **overrides) -> VisionTower:
             depth=v.depth, mlp_dim=v.mlp_dim, num_heads=v.num_heads,
             layer_norm_eps=v.layer_norm_eps, scan=config.scan_layers,
             remat_policy=model_config.REMAT_POLICIES[config.remat_policy],
-            dtype=jnp.dtype(config.dtype), attention_chunk=config.attention_chunk)
+            dtype=jnp.dtype(config.dtype), attention_chunk=config.attention_chunk,
+            attention_impl=config.attention_impl, pallas_interpret=config.pallas_interpret)
   kw.update(overrides)
   return VisionTower(**kw)
 
 
-def _quantizer(q) -> ResidualQuantizer:
+def _quantizer(q, config) -> ResidualQuantizer:
   return ResidualQuantizer(
       codebook_size=q.codebook_size, embed_dim=q.embed_dim, depth=q.depth, decay=q.decay,
       eps=q.eps, restart_unused_codes=q.restart_unused_codes, ema_update=q.ema_update,
-      reference_aliasing_bug=q.reference_aliasing_bug, distance_chunk=q.distance_chunk)
+      reference_aliasing_bug=q.reference_aliasing_bug, distance_chunk=q.distance_chunk,
+      nearest_code_impl=config.nearest_code_impl, pallas_interpret=config.pallas_interpret)
 
 
 class DualToken(nn.Module):
@@ -72,15 +74,16 @@ class DualToken(nn.Module):
     # maps outweigh a ViT block's, so they follow the tower's remat policy.
     cls = (nn.remat(AttnProjection, policy=getattr(jax.checkpoint_policies, remat)) if remat
            else AttnProjection)
-    proj = functools.partial(cls, attention_chunk=c.attention_chunk)
+    proj = functools.partial(cls, attention_chunk=c.attention_chunk,
+                             attention_impl=c.attention_impl, pallas_interpret=c.pallas_interpret)
     self.prequant_pix = proj(pix.embed_dim, heads(pix), dtype=dtype)
     if c.layer_shortcut is not None:
       self.prequant_shortcut = proj(pix.embed_dim, heads(pix), dtype=dtype)
     self.prequant_sem = proj(sem.embed_dim, heads(sem), dtype=dtype)
     self.postquant_pix = proj(v.width, heads(pix), causal=True, dtype=dtype)
     self.postquant_sem = proj(v.width, heads(sem), causal=True, dtype=dtype)
-    self.quantizer_pix = _quantizer(pix)
-    self.quantizer_sem = _quantizer(sem)
+    self.quantizer_pix = _quantizer(pix, c)
+    self.quantizer_sem = _quantizer(sem, c)
     d = c.decoder
     self.post_quant_conv = PostQuantResnetBlock(d.in_channels, dropout=d.dropout, dtype=dtype)
     self.decoder = Decoder(ch=d.ch, ch_mult=d.ch_mult, num_res_blocks=d.num_res_blocks,
@@ -150,6 +153,16 @@ class DualToken(nn.Module):
     """Pixel codes (B, h, w, D) -> images: sum the code embeddings over depth, then decode."""
     b = codes_pix.shape[0]
     z = self.quantizer_pix.embed(codes_pix).sum(axis=-2)
+    return self.decode(z.reshape(b, -1, z.shape[-1]))
+
+  def decode_code_levels(self, codes_pix, levels):
+    """Pixel codes (B, h, w, D) -> images from the first `levels` ((B,) or scalar ints) residual
+    levels of each image: the finer levels' embeddings are left out of the sum, so this equals
+    `decode_codes(codes_pix[..., :k])` for every k at one compiled shape."""
+    b, depth = codes_pix.shape[0], codes_pix.shape[-1]
+    keep = jnp.arange(depth)[None] < jnp.reshape(levels, (-1, 1))  # (B or 1, D)
+    e = self.quantizer_pix.embed(codes_pix)
+    z = jnp.where(keep[:, None, None, :, None], e, 0.0).sum(axis=-2)
     return self.decode(z.reshape(b, -1, z.shape[-1]))
 
   def code_embeddings(self, codes_pix, codes_sem):
