@@ -238,6 +238,16 @@ def _user_segment(vocab: Vocabulary, layout: Layout, text: str):
   return tokens, image
 
 
+def _turn_segment(vocab: Vocabulary, layout: Layout, role: str, text: str):
+  """Tokens and image flags of one formatted turn (a model turn ends with EOS where the
+  template appends it)."""
+  if role == "user":
+    return _user_segment(vocab, layout, text)
+  ids = vocab.encode(layout.template_model.replace("{text}", text))
+  ids += [vocab.eos_id] if layout.append_eos else []
+  return ids, [False] * len(ids)
+
+
 def build_example(vocab: Vocabulary, layout: Layout, conversations: Any,
                   has_image: bool) -> dict[str, np.ndarray]:
   """One right-padded training example: tokens, image_mask, input_mask, loss_mask, mask_ar
@@ -246,17 +256,10 @@ def build_example(vocab: Vocabulary, layout: Layout, conversations: Any,
   tokens = _start(vocab, layout)
   image, loss = [False] * len(tokens), [False] * len(tokens)
   for role, text in parse_turns(conversations, has_image):
-    if role == "user":
-      ids, img = _user_segment(vocab, layout, text)
-      tokens += ids
-      image += img
-      loss += [False] * len(ids)
-    else:
-      ids = vocab.encode(layout.template_model.replace("{text}", text))
-      ids += [vocab.eos_id] if layout.append_eos else []
-      tokens += ids
-      image += [False] * len(ids)
-      loss += [True] * len(ids)
+    ids, img = _turn_segment(vocab, layout, role, text)
+    tokens += ids
+    image += img
+    loss += [role == "model"] * len(ids)
   if len(tokens) > layout.max_len:  # never truncated silently: skipped and counted
     raise SkipExample("too_long", f"{len(tokens)} tokens > max_len {layout.max_len}")
   return pad_example(np.array(tokens, np.int32), np.array(image), np.array(loss), layout.max_len,
@@ -330,15 +333,22 @@ def mask_ar(loss, prefix_lm: bool) -> np.ndarray:
   return out
 
 
-def build_prompt(vocab: Vocabulary, layout: Layout, prompt: str,
-                 has_image: bool) -> dict[str, np.ndarray]:
+def build_prompt(vocab: Vocabulary, layout: Layout, prompt: str, has_image: bool,
+                 history: Sequence[tuple[str, str]] = ()) -> dict[str, np.ndarray]:
   """The unpadded prompt of a chat turn (ending where the model's answer starts):
-  tokens, image_mask, mask_ar (0 everywhere for prefix-LM: the prompt is the prefix)."""
-  turns = parse_turns([{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}],
-                      has_image)
-  ids, img = _user_segment(vocab, layout, turns[0][1])
-  start = _start(vocab, layout)
-  tokens = np.array(start + ids, np.int32)
-  n = len(tokens)
-  return dict(tokens=tokens, image_mask=np.array([False] * len(start) + img, bool),
-              mask_ar=np.zeros(n, np.int32) if layout.prefix_lm else np.ones(n, np.int32))
+  tokens, image_mask, mask_ar. `history` holds the earlier (question, answer) turns of a
+  multi-turn chat, laid out as in training (`build_example`; the image marker goes to the first
+  question). mask_ar is training's too: for prefix-LM 0 before the first answer token (the
+  whole prompt when there is no history), else 1."""
+  conversation = []
+  for question, answer in [*history, (prompt, "")]:
+    conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+  tokens = _start(vocab, layout)
+  image, scored = [False] * len(tokens), [False] * len(tokens)
+  for role, text in parse_turns(conversation, has_image)[:-1]:  # not the empty answer
+    ids, img = _turn_segment(vocab, layout, role, text)
+    tokens += ids
+    image += img
+    scored += [role == "model"] * len(ids)
+  return dict(tokens=np.array(tokens, np.int32), image_mask=np.array(image, bool),
+              mask_ar=mask_ar(np.array(scored, bool), layout.prefix_lm))
