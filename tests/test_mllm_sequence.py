@@ -175,3 +175,28 @@ def test_vocabulary_pickles_for_worker_processes(vocab):
   copy = pickle.loads(pickle.dumps(vocab))
   assert copy.encode("a cat") == vocab.encode("a cat") and copy.special == vocab.special
   assert json.dumps(copy.special)  # plain ints
+
+
+def test_llama2_multi_turn_repeats_bos_before_every_question(vocab):
+  """Llama 2 chat: <s>[INST] q1 [/INST] a1 </s><s>[INST] q2 [/INST] a2 </s>, in training and
+  in a chat prompt with history alike."""
+  config = config_files.load("mllm_tiny")
+  config.text.template = dict(C.TEMPLATES["llama2"])
+  config.data.max_len = 128
+  lay = sequence.Layout.from_config(config)
+  turns = [{"from": "human", "value": "what is it"}, {"from": "gpt", "value": "a cat"},
+           {"from": "human", "value": "and now"}, {"from": "gpt", "value": "a dog"}]
+  ex = sequence.build_example(vocab, lay, turns, has_image=False)
+  tokens = list(ex["tokens"][ex["input_mask"]])
+  enc = vocab.encode
+  expected = ([vocab.bos_id] + enc("[INST] what is it [/INST]") + enc(" a cat ") + [vocab.eos_id]
+              + [vocab.bos_id] + enc("[INST] and now [/INST]") + enc(" a dog ") + [vocab.eos_id])
+  assert tokens == expected
+  prompt = sequence.build_prompt(vocab, lay, "and now", has_image=False,
+                                 history=[("what is it", "a cat")])
+  assert list(prompt["tokens"]) == expected[:expected.index(vocab.eos_id) + 1] + (
+      [vocab.bos_id] + enc("[INST] and now [/INST]"))
+  # One-turn layouts (every other template) are unchanged: a single BOS.
+  gemma = sequence.Layout.from_config(config_files.load("mllm_tiny"))
+  one = sequence.build_example(vocab, gemma, turns, has_image=False)
+  assert list(one["tokens"][one["input_mask"]]).count(vocab.bos_id) == 1

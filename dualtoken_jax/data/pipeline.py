@@ -95,10 +95,11 @@ def make_train_dataset(source: Any, *, batch_size: int, resolution: int, seed: i
   # number of hosts.
   ds = ds.random_map(transforms.TrainPreprocess(resolution, scale=scale, ratio=ratio),
                      seed=crop_seed)
-  ds = ds[shard_index::shard_count]
+  ds = HostBlocks(ds, shard_index, shard_count, batch_size)
   ds = ds.to_iter_dataset(_read_options(num_threads, prefetch_buffer_size, batch_size))
   ds = DropSkipped(ds, records.IMAGE_SKIPS, max_consecutive_skips=max_consecutive_skips,
-                   blank={"image": np.zeros((resolution, resolution, 3), np.float32)})
+                   blank={"image": np.zeros((resolution, resolution, 3), np.float32),
+                          "key": ""})
   # Short batches are dropped by CountSkips, after their skip counts are taken.
   ds = ds.batch(batch_size, drop_remainder=False)
   ds = parallelize(ds, num_workers, prefetch_batches)
@@ -137,6 +138,36 @@ def make_eval_dataset(source: Any, *, batch_size: int, resolution: int,
   ds = ds.to_iter_dataset(_read_options(num_threads, prefetch_buffer_size, 1))
   ds = parallelize(ds, num_workers, prefetch_batches)
   return CountSkips(ds, records.IMAGE_SKIPS, batch_size=batch_size, drop_remainder=False)
+
+
+class HostBlocks(grain.MapDataset):
+  """One host's share of a record stream read by `count` hosts in turns of `block` records:
+  host `index` takes records k·count·block + index·block + j (j < block) for k = 0, 1, ... So
+  global batch k (count·block records) is the hosts' blocks in process order, which is where
+  `make_array_from_process_local_data` puts them: the same records in the same rows as one
+  host reading the whole batch, for any number of hosts (training on 2 hosts × 4 devices
+  computes what 1 × 8 does). Every record of the stream is read by exactly one host."""
+
+  def __init__(self, parent: grain.MapDataset, index: int, count: int, block: int):
+    super().__init__(parent)
+    self._index, self._count, self._block = index, count, block
+    self._length = len(parent) // (count * block) * block
+
+  def __len__(self) -> int:
+    return self._length
+
+  def parent_index(self, index: int) -> int:
+    """The stream position of this host's `index`-th record."""
+    turn, j = divmod(index, self._block)
+    return (turn * self._count + self._index) * self._block + j
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      raise TypeError("HostBlocks does not slice; slice the stream before sharding it")
+    return self._parent[self.parent_index(index)]
+
+  def __str__(self) -> str:
+    return f"HostBlocks(index={self._index}, count={self._count}, block={self._block})"
 
 
 def eval_num_batches(num_records: int, batch_size: int, shard_count: int) -> int:
@@ -199,6 +230,34 @@ class SkipCountingIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state["parent"])
     self._totals = {r: int(state["skipped_total"].get(r, 0)) for r in self._reasons.names}
+
+  def set_state_from_hosts(self, states: list[dict[str, Any]], shard_index: int,
+                           shard_count: int) -> None:
+    """Resumes a stream saved by `len(states)` hosts (state of host i at i) on this host, one
+    of `shard_count`, the global batch unchanged (`HostBlocks` streams).
+
+    Every old host stood at some turn of the shared stream (turn = global batches begun); the
+    stream restarts for every new host at the latest such turn: exactly where the run stopped
+    when no record was skipped (all hosts then stand at the same turn), else after at most the
+    rest of the turns the lagging hosts had not finished (those records are not re-read, and
+    none is read twice). Skip totals are carried by the new host 0. Only the pipeline's
+    in-process form (`num_workers=0`, no batch prefetch) has a position that can be mapped."""
+    try:
+      indices = [int(st["parent"]["next_index"]) for st in states]
+    except (KeyError, TypeError):
+      raise ValueError(
+          "the data position of a run saved by a different number of processes can only be "
+          "carried over for the in-process pipeline (config.data.num_workers=0, no batch "
+          "prefetch); resume with the original process count") from None
+    global_batch = self._batch_size * shard_count
+    if global_batch % len(states):
+      raise ValueError(f"global batch {global_batch} does not split over the {len(states)} "
+                       "processes that saved the run")
+    old_block = global_batch // len(states)
+    turn = max(-(-i // old_block) for i in indices)
+    self._parent.set_state({"next_index": turn * self._batch_size})
+    self._totals = {r: sum(int(st["skipped_total"].get(r, 0)) for st in states)
+                    if shard_index == 0 else 0 for r in self._reasons.names}
 
 
 class CountSkips(grain.IterDataset):

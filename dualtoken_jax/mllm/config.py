@@ -49,7 +49,7 @@ GEMMA_TEMPLATE = dict(user="<start_of_turn>user\n{text}<end_of_turn>\n<start_of_
 # Each family's chat format, as data. Beyond user/model/append_eos: `add_bos` (start with BOS),
 # `prefix` (text after it, e.g. a system turn), and the pieces of BOS / EOS / pad ("" = the
 # tokenizer's own: SentencePiece states them, a HF tokenizer.json does not).
-_TEMPLATE_DEFAULTS = dict(add_bos=True, prefix="", bos="", eos="", pad="")
+_TEMPLATE_DEFAULTS = dict(add_bos=True, prefix="", bos="", eos="", pad="", turn_bos=False)
 TEMPLATES = {
     "gemma": dict(_TEMPLATE_DEFAULTS, **GEMMA_TEMPLATE),
     # Qwen2 / Qwen2.5 ChatML: no BOS; <|im_end|> ends a turn (scored).
@@ -58,9 +58,10 @@ TEMPLATES = {
                    model="{text}<|im_end|>\n", append_eos=False, add_bos=False,
                    prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
                    bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>"),
-    # Llama 2 chat: <s>[INST] user [/INST] answer </s> (EOS appended to each answer).
+    # Llama 2 chat: <s>[INST] user [/INST] answer </s><s>[INST] ... (EOS appended to each
+    # answer, BOS before each later question).
     "llama2": dict(_TEMPLATE_DEFAULTS, user="[INST] {text} [/INST]", model=" {text} ",
-                   append_eos=True),
+                   append_eos=True, turn_bos=True),
     # Llama 3 header tokens; <|eot_id|> ends a turn (scored).
     "llama3": dict(_TEMPLATE_DEFAULTS,
                    user="<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"

@@ -173,6 +173,7 @@ class Layout:
   prefix_lm: bool
   add_bos: bool = True   # start every sequence with BOS (not Qwen's ChatML)
   prefix: str = ""       # text after BOS at the start of every sequence (e.g. a system turn)
+  turn_bos: bool = False  # BOS again before every later user turn (Llama 2: `</s><s>[INST]`)
 
   @classmethod
   def from_config(cls, config) -> "Layout":
@@ -180,7 +181,7 @@ class Layout:
     return cls(t.user, t.model, bool(t.append_eos),
                mllm_config.num_image_positions(config.model), int(config.data.max_len),
                config.model.attention == "prefix_lm", bool(t.get("add_bos", True)),
-               str(t.get("prefix", "")))
+               str(t.get("prefix", "")), bool(t.get("turn_bos", False)))
 
 
 def _start(vocab: Vocabulary, layout: Layout) -> list[int]:
@@ -238,11 +239,14 @@ def _user_segment(vocab: Vocabulary, layout: Layout, text: str):
   return tokens, image
 
 
-def _turn_segment(vocab: Vocabulary, layout: Layout, role: str, text: str):
+def _turn_segment(vocab: Vocabulary, layout: Layout, role: str, text: str, first: bool):
   """Tokens and image flags of one formatted turn (a model turn ends with EOS where the
-  template appends it)."""
+  template appends it; a later user turn starts with BOS where it says `turn_bos`)."""
   if role == "user":
-    return _user_segment(vocab, layout, text)
+    tokens, image = _user_segment(vocab, layout, text)
+    if layout.turn_bos and not first:
+      tokens, image = [vocab.bos_id] + tokens, [False] + image
+    return tokens, image
   ids = vocab.encode(layout.template_model.replace("{text}", text))
   ids += [vocab.eos_id] if layout.append_eos else []
   return ids, [False] * len(ids)
@@ -255,8 +259,8 @@ def build_example(vocab: Vocabulary, layout: Layout, conversations: Any,
   than max_len is skipped, not truncated (a cut answer would teach the model to stop early)."""
   tokens = _start(vocab, layout)
   image, loss = [False] * len(tokens), [False] * len(tokens)
-  for role, text in parse_turns(conversations, has_image):
-    ids, img = _turn_segment(vocab, layout, role, text)
+  for i, (role, text) in enumerate(parse_turns(conversations, has_image)):
+    ids, img = _turn_segment(vocab, layout, role, text, first=i == 0)
     tokens += ids
     image += img
     loss += [role == "model"] * len(ids)
@@ -345,8 +349,8 @@ def build_prompt(vocab: Vocabulary, layout: Layout, prompt: str, has_image: bool
     conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
   tokens = _start(vocab, layout)
   image, scored = [False] * len(tokens), [False] * len(tokens)
-  for role, text in parse_turns(conversation, has_image)[:-1]:  # not the empty answer
-    ids, img = _turn_segment(vocab, layout, role, text)
+  for i, (role, text) in enumerate(parse_turns(conversation, has_image)[:-1]):  # no empty answer
+    ids, img = _turn_segment(vocab, layout, role, text, first=i == 0)
     tokens += ids
     image += img
     scored += [role == "model"] * len(ids)

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dualtoken_jax import data
 
+from dualtoken_jax.parallel import distributed
 from dualtoken_jax.parallel import sharding
 from dualtoken_jax.mllm import caption_data
 from dualtoken_jax.mllm import config as C
@@ -28,6 +29,7 @@ from dualtoken_jax.mllm import state as S
 from dualtoken_jax.mllm.step import make_eval_step, make_train_step
 from dualtoken_jax.training import checkpoints
 from dualtoken_jax.training import optimizer as O
+from dualtoken_jax.training import perf
 from dualtoken_jax.training import state as T
 from dualtoken_jax.training.loop import run_training_loop
 from dualtoken_jax.training.metrics_log import MetricLogger
@@ -39,8 +41,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   if config.demo:
     demo.prepare(config, workdir)
   C.validate(config)
-  if config.distributed:
-    jax.distributed.initialize()
+  distributed.initialize(config.distributed)  # the launcher's environment, or auto-detection
   mesh = sharding.make_mesh(config.mesh)
   logger = MetricLogger(workdir)
   logging.info("MLLM stage %s: %s; mesh %s; %d process(es)", config.stage,
@@ -98,10 +99,17 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     return {"step": step, **result}
 
   # ---------------------------------------------------------------- loop
+  flops = {}
+  def step_flops(state, step, batch):  # per device, from the compiled step (training/perf.py)
+    if "step" not in flops:
+      flops["step"] = perf.step_flops(train_step, state, global_batch(batch, mesh))
+    return flops["step"]
+
   state, last_eval = run_training_loop(
       state, config=config, start=start, train_iter=train_iter,
       train_step=lambda state, step, batch: train_step(state, global_batch(batch, mesh)),
-      run_eval=run_eval, ckpt=ckpt, logger=logger)
+      run_eval=run_eval, ckpt=ckpt, logger=logger,
+      step_flops=step_flops)
   if config.demo and jax.process_index() == 0 and int(state.step) >= config.total_steps:
     last_eval["demo"] = demo.report(config, state, vocab, workdir)
   return last_eval

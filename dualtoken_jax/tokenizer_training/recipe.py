@@ -92,7 +92,10 @@ def training_config(model: ml_collections.ConfigDict, *, stage: int = 1, batch_s
   c.teacher = dict(siglip="")  # "" = a frozen copy of the initial image tower
   c.data = dict(source="webdataset", path="", image_key="image", record_format="tf_example",
                 num_workers=0, max_consecutive_skips=1000,
-                max_image_bytes=decode.DEFAULT_MAX_BYTES)  # bigger image files are skipped
+                max_image_bytes=decode.DEFAULT_MAX_BYTES,  # bigger image files are skipped
+                # Append the keys this process trained on, per step, to
+                # WORKDIR/data_keys/process_<i>.jsonl (which host read what, on a pod).
+                log_keys=False)
 
   c.trainable = [".*"]
   c.frozen = frozen_for_stage(stage, model.layer_sem)

@@ -7,6 +7,7 @@ resumes from its newest complete checkpoint, bit-exactly on the same machine.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from dualtoken_jax import data
 
 from dualtoken_jax.models import config as model_config
 
+from dualtoken_jax.parallel import distributed
 from dualtoken_jax.parallel import sharding
 from dualtoken_jax.metrics import image_quality
 from dualtoken_jax.bridges import lpips as lpips_weights
@@ -28,6 +30,7 @@ from dualtoken_jax.data.images import side_by_side, to_uint8, to_unit
 from dualtoken_jax.tokenizer_training import inputs
 from dualtoken_jax.tokenizer_training import recipe
 from dualtoken_jax.training import checkpoints
+from dualtoken_jax.training import perf
 from dualtoken_jax.training import state as T
 from dualtoken_jax.training.loop import NonFiniteLossError, run_training_loop
 from dualtoken_jax.tokenizer_training import state as S
@@ -42,8 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   """
   workdir = Path(workdir)
   recipe.validate(config)  # ConfigError naming the field, before anything is built
-  if config.distributed:
-    jax.distributed.initialize()
+  distributed.initialize(config.distributed)  # the launcher's environment, or auto-detection
   mesh = sharding.make_mesh(config.mesh)
   logger = MetricLogger(workdir)
   logging.info("%s; mesh %s; %d process(es)", model_config.describe(config.model),
@@ -79,13 +81,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
       {"params": params, "vq_stats": stats}, x)["recon"])
 
   # ---------------------------------------------------------------- loop
+  uses_gan = lambda step: config.gan.enabled and step >= config.gan.start_step and config.loss.pixel
+
+  key_log = _KeyLog(workdir) if config.data.get("log_keys") else None
+
   def train_step(state, step, batch):
-    images = data.make_global_array(batch["image"], mesh)
-    gan = config.gan.enabled and step >= config.gan.start_step and config.loss.pixel
-    return step_fn(gan)(state, images)
+    if key_log is not None:
+      key_log.write(step, batch["key"])
+    return step_fn(uses_gan(step))(state, data.make_global_array(batch["image"], mesh))
+
+  flops = {}
+  def step_flops(state, step, batch):  # per device, from the compiled step (training/perf.py)
+    gan = uses_gan(step)
+    if gan not in flops:
+      flops[gan] = perf.step_flops(step_fn(gan), state,
+                                   data.make_global_array(batch["image"], mesh))
+    return flops[gan]
 
   _, last_eval = run_training_loop(
       state, config=config, start=start, train_iter=train_iter, train_step=train_step,
+      step_flops=step_flops,
       run_eval=lambda state, step: evaluate(reconstruct, state, eval_images, step, logger),
       ckpt=ckpt, logger=logger)
   return last_eval
@@ -104,6 +119,18 @@ def evaluate(reconstruct, state, eval_images: np.ndarray, step: int, logger: Met
   result["grid"] = str(logger.image(step, "reconstructions", np.asarray(grid)))
   logging.info("step %d: eval PSNR %.2f dB, SSIM %.3f", step, result["psnr"], result["ssim"])
   return result
+
+
+class _KeyLog:
+  """`config.data.log_keys`: the record keys this process trains on, one JSON line per step."""
+
+  def __init__(self, workdir: Path):
+    self._path = workdir / "data_keys" / f"process_{jax.process_index()}.jsonl"
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+
+  def write(self, step: int, keys) -> None:
+    with self._path.open("a") as f:
+      f.write(json.dumps({"step": int(step), "keys": [str(k) for k in keys]}) + "\n")
 
 
 def _lpips(config):

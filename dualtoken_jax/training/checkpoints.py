@@ -10,12 +10,13 @@
   checks that the restored state is finite; the manifest adds detection of flipped bits on disk
   that stay finite. When a step directory has one, every restore verifies it. (A
   `DualTokenizer.save` directory always gets one: written once, read by every user.)
-* `PreemptionSignal` turns SIGTERM (TPU preemption, `kill`) into a flag the loop checks so it
-  saves and exits cleanly.
+* `PreemptionSignal` turns SIGTERM (TPU preemption, `kill`) into a stop the loop checks so it
+  saves and exits cleanly; with several processes, at a step all of them agree on.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 from pathlib import Path
@@ -75,10 +76,22 @@ class Checkpointer:
     """Restores into `abstract_state`'s shardings (ShapeDtypeStructs with .sharding); verifies
     the step's checksum manifest if it has one and that the state is finite."""
     tensor_files.verify_checksums(self.directory / str(step))
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter),
-        meta=ocp.args.JsonRestore()))
+    saved_by = _data_files(self.directory / str(step))
+    same_hosts = not saved_by or len(saved_by) == jax.process_count()
+    items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    if same_hosts:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if not same_hosts:  # written by another number of processes: grain cannot map it itself
+      if not hasattr(data_iter, "set_state_from_hosts"):
+        raise ValueError(f"checkpoint step {step} was saved by {len(saved_by)} process(es); this "
+                         "run's data stream cannot resume it with "
+                         f"{jax.process_count()}: use the original process count")
+      data_iter.set_state_from_hosts([json.loads(f.read_text()) for f in saved_by],
+                                     jax.process_index(), jax.process_count())
+      logging.warning("step %d was saved by %d process(es), resumed by %d: the data stream "
+                      "restarts at the latest global batch any of them had begun", step,
+                      len(saved_by), jax.process_count())
     tensor_files.check_finite(restored["state"], f"checkpoint {self.directory / str(step)}")
     return restored["state"], dict(restored["meta"])
 
@@ -91,12 +104,23 @@ class Checkpointer:
 
 
 class PreemptionSignal:
-  """Sets `.received` on SIGTERM (and SIGINT if asked) instead of dying mid-step."""
+  """SIGTERM (TPU preemption, `kill`) as a stop that every process agrees on, instead of dying
+  mid-step.
 
-  def __init__(self, also_sigint: bool = False):
+  One process: a Python handler sets `.received`. Several processes: a flag per process would
+  let the one that got the signal leave the loop while the others enter the next step's
+  collectives (a hang, or a checkpoint only some hosts wrote). There the signal is left to the
+  JAX distributed runtime's preemption notifier, which tells every process, and `reached(step)`
+  (Orbax's `reached_preemption`, a sync point in the coordination service) turns true at the
+  same step on all of them. Call `reached` at every step boundary, on every process."""
+
+  def __init__(self, manager: ocp.CheckpointManager, also_sigint: bool = False):
     self.received = False
+    self._manager = manager
     self._previous = {}
-    for sig in (signal.SIGTERM,) + ((signal.SIGINT,) if also_sigint else ()):
+    self._multiprocess = jax.process_count() > 1
+    signals = () if self._multiprocess else (signal.SIGTERM,)
+    for sig in signals + ((signal.SIGINT,) if also_sigint else ()):
       self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
@@ -104,9 +128,24 @@ class PreemptionSignal:
     logging.warning("received signal %d: saving a checkpoint and exiting", signum)
     self.received = True
 
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step` (the same answer on every process)."""
+    if self._multiprocess and not self.received and self._manager.reached_preemption(step):
+      logging.warning("preemption notice: every process saves step %d and exits", step)
+      self.received = True
+    return self.received
+
   def restore(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def _data_files(step_dir: Path) -> list[Path]:
+  """The per-process data-iterator states of a step (grain's `process_<i>-of-<n>.json`), in
+  process order."""
+  files = list((step_dir / "data").glob("process_*-of-*.json"))
+  index = lambda f: int(f.name.split("_")[1].split("-of-")[0])
+  return sorted(files, key=index)
 
 
 # ---------------------------------------------------------------- reading finished runs

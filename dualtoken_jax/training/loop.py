@@ -1,6 +1,6 @@
 """The step loop both trainers share (`tokenizer_training/train.py`, `mllm/train.py`): logging,
-evaluation and checkpoint cadence, the non-finite-step guard, the steps/s + ETA timer, and the
-preemption exit.
+evaluation and checkpoint cadence, the non-finite-step guard, the steps/s + ETA timer (with
+FLOPs per step and MFU, `perf.py`), and the preemption exit.
 
 Nothing in the loop reads a device value back at every step: the non-finite counters live on
 device and are read at logging and checkpoint steps only, so the host keeps enqueueing steps
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dualtoken_jax.training import checkpoints
+from dualtoken_jax.training import perf
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,42 +75,56 @@ class NonFiniteGuard:
 
 
 class StepTimer:
-  """steps/s and ETA between logging points."""
+  """steps/s and ETA between logging points; with `flops_per_step` (per device, `perf.py`) also
+  perf/flops_per_sec and, where the chip's peak is known, perf/mfu."""
 
-  def __init__(self, start_step: int, total_steps: int):
+  def __init__(self, start_step: int, total_steps: int, peak: float | None = None):
     self._step, self._time, self._total = start_step, time.perf_counter(), total_steps
+    self.peak = peak
 
-  def rates(self, step: int) -> dict[str, float]:
+  def rates(self, step: int, flops_per_step: float | None = None) -> dict[str, float]:
     now = time.perf_counter()
     rate = (step - self._step) / max(now - self._time, 1e-9)
     self._step, self._time = step, now
-    return {"steps_per_sec": rate, "eta_hours": (self._total - step) / max(rate, 1e-9) / 3600}
+    out = {"steps_per_sec": rate, "eta_hours": (self._total - step) / max(rate, 1e-9) / 3600}
+    if flops_per_step:
+      out.update(perf.perf_metrics(flops_per_step, rate, self.peak))
+    return out
 
 
 def run_training_loop(state, *, config, start: int, train_iter, train_step: Callable,
-                      run_eval: Callable, ckpt, logger) -> tuple[Any, dict]:
+                      run_eval: Callable, ckpt, logger,
+                      step_flops: Callable | None = None) -> tuple[Any, dict]:
   """The step loop both trainers share: steps `start`..`last` (`stop_at_step` or
   `total_steps`), metrics every `log_every_steps` (with throughput and per-reason skip
   totals), `run_eval(state, step)` at step 0 and every `eval.every_steps`, Orbax checkpoints
   (forced at the last step and on preemption), a halt on repeated non-finite steps.
-  `train_step(state, step, host_batch) -> (state, metrics)`. Closes `ckpt` and `logger`.
-  Returns (state, the last evaluation)."""
+  `train_step(state, step, host_batch) -> (state, metrics)`. `step_flops(state, step,
+  host_batch)`, if given, is the per-device FLOPs of that step (`perf.step_flops` of the jitted
+  step); it is asked before each step that ends a logging interval, and the FLOPs, FLOP/s and
+  MFU are logged beside steps/s. Closes `ckpt` and `logger`. Returns (state, the last
+  evaluation)."""
   last = min(config.stop_at_step or config.total_steps, config.total_steps)
-  preempt = checkpoints.PreemptionSignal()
+  preempt = checkpoints.PreemptionSignal(ckpt.manager)
   guard = NonFiniteGuard(config.max_consecutive_nonfinite)
-  timer = StepTimer(start, config.total_steps)
+  timer = StepTimer(start, config.total_steps, perf.peak_flops())
+  flops = None
   meta = lambda step: {"step": step, "config": config.to_dict()}
   last_eval = run_eval(state, 0) if start == 0 else {}  # the starting point, for comparison
   try:
     for step in range(start, last):
-      state, metrics = train_step(state, step, next(train_iter))
+      batch = next(train_iter)
       done = step + 1
+      logs = done % config.log_every_steps == 0 or done == last
+      if step_flops is not None and logs:  # before the step: it may donate `state`
+        flops = step_flops(state, step, batch)
+      state, metrics = train_step(state, step, batch)
       guard.update(metrics["finite"], done)
-      stopping = preempt.received or done == last
+      stopping = preempt.reached(done) or done == last
       if done % config.log_every_steps == 0 or stopping:
         metrics = jax.device_get(metrics)
         metrics.update(guard.check(done, ckpt.latest_step()))
-        metrics.update(timer.rates(done))
+        metrics.update(timer.rates(done, flops))
         metrics.update({f"data/skipped_{k}": v for k, v in train_iter.skipped_total.items()})
         logger.scalars(done, metrics)
       if done % config.eval.every_steps == 0 or done == last:
