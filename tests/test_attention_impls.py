@@ -114,7 +114,7 @@ def test_config_validators_reject_unknown_impls():
       vq_pix=mc.quantizer_config(), vq_sem=mc.quantizer_config(),
       decoder=mc.decoder_config(ch=32, ch_mult=(1,) * 5, attn_resolutions=(), in_channels=64))
   mc.validate(config)
-  assert config.attention_impl == "chunked" and config.nearest_code_impl == "auto"
+  assert config.attention_impl == "chunked" and config.nearest_code_impl == "xla"
   for field, value in (("attention_impl", "flash"), ("nearest_code_impl", "triton")):
     bad = config.copy_and_resolve_references()
     bad[field] = value

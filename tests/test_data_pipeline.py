@@ -89,6 +89,8 @@ def test_hosts_partition_every_epoch_and_epochs_reshuffle():
 
 
 def test_crops_depend_on_the_stream_position_not_the_host_count():
+  """Two hosts with a per-host batch of 4 read, between them, the records and crops one host
+  reads: host 0 records 0-3, 8-11, ..., host 1 records 4-7, 12-15, ..."""
   rng = np.random.default_rng(0)
   recs = [{"key": str(i), "image": rng.integers(0, 256, (40, 30, 3), np.uint8)}
           for i in range(8)]
@@ -96,8 +98,10 @@ def test_crops_depend_on_the_stream_position_not_the_host_count():
   two_hosts = [np.concatenate([b["image"] for b in _train(_ListSource(recs), num_epochs=1,
                                                           shard_index=h, shard_count=2)])
                for h in range(2)]
-  np.testing.assert_array_equal(one_host[0::2], two_hosts[0])
-  np.testing.assert_array_equal(one_host[1::2], two_hosts[1])
+  # Host h reads the h-th block of `batch_size` records of every turn (`HostBlocks`).
+  blocks = one_host.reshape(-1, 4, *one_host.shape[1:])
+  np.testing.assert_array_equal(np.concatenate(blocks[0::2]), two_hosts[0])
+  np.testing.assert_array_equal(np.concatenate(blocks[1::2]), two_hosts[1])
 
 
 def _bad_records():

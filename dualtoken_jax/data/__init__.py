@@ -16,6 +16,7 @@ from dualtoken_jax.data.decode import DecodeImage
 from dualtoken_jax.data.decode import SkipImage
 from dualtoken_jax.data.decode import to_rgb
 from dualtoken_jax.data.global_batch import batch_sharding
+from dualtoken_jax.data.global_batch import global_array_spec
 from dualtoken_jax.data.global_batch import host_batch_size
 from dualtoken_jax.data.global_batch import make_global_array
 from dualtoken_jax.data.global_batch import make_global_batch

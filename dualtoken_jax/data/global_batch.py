@@ -74,6 +74,16 @@ def make_global_array(local: np.ndarray, mesh: Mesh,
   return jax.make_array_from_process_local_data(batch_sharding(mesh, axes), local, global_shape)
 
 
+def global_array_spec(local: np.ndarray, mesh: Mesh,
+                      axes: Sequence[str] = BATCH_AXES) -> jax.ShapeDtypeStruct:
+  """The shape, dtype and sharding `make_global_array(local, ...)` would give, without moving
+  any data (to lower or cost-analyse a step)."""
+  local = np.asarray(local)
+  total, local_shards = num_batch_shards(mesh, axes)
+  return jax.ShapeDtypeStruct((local.shape[0] // local_shards * total,) + local.shape[1:],
+                              local.dtype, sharding=batch_sharding(mesh, axes))
+
+
 def make_global_batch(batch: Mapping[str, Any], mesh: Mesh,
                       keys: Sequence[str] = ("image", "mask"),
                       axes: Sequence[str] = BATCH_AXES) -> dict[str, jax.Array]:

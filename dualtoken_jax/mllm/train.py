@@ -102,7 +102,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
   flops = {}
   def step_flops(state, step, batch):  # per device, from the compiled step (training/perf.py)
     if "step" not in flops:
-      flops["step"] = perf.step_flops(train_step, state, global_batch(batch, mesh))
+      flops["step"] = perf.step_flops(train_step, state, global_batch(batch, mesh, abstract=True))
     return flops["step"]
 
   state, last_eval = run_training_loop(
@@ -130,10 +130,12 @@ def training_sources(config) -> list:
   return sources
 
 
-def global_batch(batch: dict, mesh) -> dict:
-  """A host batch (numpy) -> global arrays split over the batch axes (host-only keys dropped)."""
+def global_batch(batch: dict, mesh, abstract: bool = False) -> dict:
+  """A host batch (numpy) -> global arrays split over the batch axes (host-only keys dropped);
+  `abstract`: their shapes, dtypes and shardings only (`ShapeDtypeStruct`s)."""
   keys = mdata.ARRAY_KEYS + mdata.IMAGE_KEYS + mdata.CODE_KEYS
-  return {k: data.make_global_array(np.asarray(batch[k]), mesh) for k in keys if k in batch}
+  make = data.global_array_spec if abstract else data.make_global_array
+  return {k: make(np.asarray(batch[k]), mesh) for k in keys if k in batch}
 
 
 def evaluate(eval_step, state, batches, mesh) -> dict:

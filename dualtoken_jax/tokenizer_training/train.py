@@ -95,7 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     gan = uses_gan(step)
     if gan not in flops:
       flops[gan] = perf.step_flops(step_fn(gan), state,
-                                   data.make_global_array(batch["image"], mesh))
+                                   data.global_array_spec(batch["image"], mesh))
     return flops[gan]
 
   _, last_eval = run_training_loop(
