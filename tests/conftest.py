@@ -22,14 +22,3 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
-# The longest test files first: `-n 2 --dist loadfile` hands whole files to the two workers in
-# collection order, so starting the long ones early keeps one worker from finishing minutes
-# before the other (measured: test_multiprocess.py alone takes ~8 minutes).
-LONGEST_FIRST = ("test_multiprocess.py", "test_mllm_demo.py", "test_training_resume.py",
-                 "test_training_step.py", "test_app.py", "test_bench_smoke.py",
-                 "test_tokenizer_api.py", "test_pixel_loss.py", "test_mllm_step.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
