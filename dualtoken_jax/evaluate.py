@@ -27,6 +27,13 @@ step directory, a digest of the weights, the data, the settings) is recorded in 
 newer step) is refused with exit status 2 instead of mixing the two: use a new --workdir.
 Report: WORKDIR/metrics.json, per_image.csv, reconstructions.png, codebook_{pixel,semantic}.png.
 Unreadable images are counted, listed in metrics.json and skipped.
+
+Several processes (`python -m dualtoken_jax.launch … -- dualtoken_jax.evaluate …`, or one per
+host of a pod with --distributed) each read their share of the records onto their own devices
+of one global mesh; metrics.json equals a one-process run's except for "throughput" and
+"settings.process_count" (per_image.csv lists the rows in process order). Only process 0 writes
+the report; each process keeps its own resumable state, and a rerun resumes all of them from
+the newest position every process saved (with the same process count).
 """
 
 from __future__ import annotations
@@ -36,10 +43,13 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+
 from dualtoken_jax import config_files
 from dualtoken_jax.cli import tokenizer_flags as tokenizer_source
 from dualtoken_jax.evaluation import runner
 from dualtoken_jax.evaluation import state
+from dualtoken_jax.parallel import distributed
 from dualtoken_jax.training import checkpoints
 
 
@@ -82,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--num_threads", type=int, default=d.num_threads, help="decoding threads")
   g.add_argument("--no_plots", action="store_true", help="skip the PNG files of the report")
   g.add_argument("--no_progress", action="store_true")
+  g.add_argument("--distributed", action="store_true",
+                 help="join a multi-host job that jax.distributed.initialize() auto-detects "
+                      "(Cloud TPU, SLURM); under python -m dualtoken_jax.launch it joins anyway")
   return p
 
 
@@ -149,14 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     options.validate()
   except ValueError as e:
     parser.error(str(e))
+  distributed.initialize(args.distributed)  # before anything touches a device
   tok, source = load_tokenizer(args)
   try:
     results = runner.evaluate(tok, args.data, args.workdir, options, tokenizer_id=source)
   except state.FingerprintMismatch as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(summary_lines(results))
-  print(f"report written to {args.workdir}")
+  if jax.process_index() == 0:  # every process holds the same results; process 0 wrote them
+    print(summary_lines(results))
+    print(f"report written to {args.workdir}")
   return 0
 
 

@@ -33,6 +33,9 @@ CASES = {
     "generate": (["--config=demo_mllm_cpu:test", "--skip_2b", "--images=1", "--iters=1",
                   "--warmup=0", "--cfg=on"],
                  [r"CFG \(batch 2B\) +\d+ image positions/s", rf"{NUMBER} s/image"]),
+    "conv": (["--single=1,8,8,4,4,3", "--config=none", "--impls=xla,shifted", "--iters=1",
+              "--warmup=0", "--rounds=1"],
+             [rf"3x3 +4->4 +8x8 B=1 +0 +{NUMBER} ms +{NUMBER} ms +{NUMBER} ms +{NUMBER} ms"]),
     # Timing it, even --smoke, takes minutes on CPU: here only its plan (arguments and sections).
     "device": (["--plan", "--models", "so400m"],
                [r"attention impls \['chunked', 'xla'", r"plan: attention \(8, 729, 16, 72\)",

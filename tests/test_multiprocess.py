@@ -16,22 +16,17 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+import launcher
 from jsonl import read_jsonl
 from dualtoken_jax import config_files
-from dualtoken_jax.parallel import sharding
 from dualtoken_jax.tokenizer_training import state as S
 from dualtoken_jax.tokenizer_training.train import train_and_evaluate
-from dualtoken_jax.training import state as T
 from dualtoken_jax.training import checkpoints
 from dualtoken_jax.training.loop import PREEMPTED_EXIT_CODE
 
@@ -59,70 +54,15 @@ def config(**extra):
 
 def launch(workdir, processes=2, devices=4, wait=True, **extra):
   flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **extra}.items()]
-  cmd = [sys.executable, "-m", "dualtoken_jax.launch", f"--processes={processes}",
-         f"--devices_per_process={devices}", f"--heartbeat_timeout={HEARTBEAT}", "--grace=20",
-         "--", "dualtoken_jax.train", "--config=configs/demo_cpu.py:test",
-         f"--workdir={workdir}", *flags]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the launcher sets them
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, cwd=Path(__file__).parent.parent)
+  command = ["dualtoken_jax.train", "--config=configs/demo_cpu.py:test", f"--workdir={workdir}",
+             *flags]
   if not wait:
-    return Running(proc)
-  out, _ = proc.communicate(timeout=600)
-  return proc.returncode, out
-
-
-class Running:
-  """A launched job whose output is drained by a thread (a full pipe would stall the job)."""
-
-  def __init__(self, proc):
-    self.proc, self.lines = proc, []
-    self._reader = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
-    self._reader.start()
-
-  def pids(self) -> dict[int, int]:
-    """The process pids the launcher announces first."""
-    while True:
-      found = dict((int(m.group(1)), int(m.group(2))) for m in (
-          re.match(r"\[launch\] process (\d+): pid (\d+)", line) for line in list(self.lines))
-          if m)
-      if len(found) == 2:
-        return found
-      time.sleep(0.1)
-
-  def poll(self):
-    return self.proc.poll()
-
-  def wait(self, timeout) -> str:
-    self.proc.wait(timeout=timeout)
-    self._reader.join(timeout=10)
-    return "".join(self.lines)
-
-  @property
-  def returncode(self):
-    return self.proc.returncode
-
-
-def wait_for_step(workdir, step, proc, timeout=300):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    path = workdir / "metrics.jsonl"
-    if path.exists() and any(m.get("step", 0) >= step for m in read_jsonl(path)):
-      return
-    assert proc.poll() is None, "".join(proc.lines)[-3000:]
-    time.sleep(0.2)
-  raise TimeoutError(f"step {step} not reached")
+    return launcher.start(command, processes, devices, heartbeat=HEARTBEAT)
+  return launcher.run(command, processes=processes, devices=devices, heartbeat=HEARTBEAT)
 
 
 def restore(workdir, step):
-  """The state of a step on one device, whoever wrote it (a topology-free target)."""
-  ocp = checkpoints.ocp
-  layout = T.state_layout(S.Modules(config()), sharding.single_device_mesh())
-  ckpt = checkpoints.Checkpointer(workdir / "checkpoints", every_steps=1, keep=5)
-  state = ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(layout.targets())))["state"]
-  ckpt.close()
-  return state
+  return launcher.restore(workdir, S.Modules(config()), step)
 
 
 def assert_same_state(a, b):
@@ -153,7 +93,7 @@ def runs(tmp_path_factory):
   two = root / "two"
   proc = launch(two, wait=False)
   pid = proc.pids()
-  wait_for_step(two, 3, proc)
+  proc.wait_for_step(two, 3)
   os.kill(pid[1], signal.SIGTERM)
   out = proc.wait(timeout=120)
   at = root / "two_preempted"
@@ -206,7 +146,7 @@ def test_lost_process_is_noticed_and_both_restart_to_the_uninterrupted_result(ru
   start = int(checkpoints.latest_step_dir(two).name)
   proc = launch(two, wait=False)
   pid = proc.pids()
-  wait_for_step(two, start + 1, proc)
+  proc.wait_for_step(two, start + 1)
   os.kill(pid[1], signal.SIGKILL)
   killed = time.monotonic()
   out = proc.wait(timeout=HEARTBEAT + 60)

@@ -11,6 +11,8 @@
               (demo model timed, Gemma-2B-shaped compile-only)
   device      the GPU/TPU check (under 8 min): attention implementations side by side, the
               fused Pallas nearest-code kernel vs XLA, B/16-224 and So400m-384 bf16 steps + MFU
+  conv        the convolution implementations (model.conv_impl) side by side, forward and
+              forward + backward: one 3x3 conv and every conv shape of a config's pixel decoder
 
 Each prints median times (after warm-up), XLA's FLOP and memory figures, and the achieved
 GFLOP/s as a fraction of a plain matmul measured in the same run. README figures come from here.
@@ -21,7 +23,7 @@ import os
 import sys
 
 BENCHMARKS = ("quantizer", "encode", "train_step", "memory", "evaluate", "decode", "generate",
-              "device")
+              "device", "conv")
 
 
 def main(argv: list[str]) -> int:

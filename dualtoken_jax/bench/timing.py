@@ -8,7 +8,12 @@ with a known bf16 peak (`training/perf.py`: TPU v4-v6e, A100/H100/H200) also as 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import gzip
+import json
+import re
 import statistics
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -73,6 +78,105 @@ def measure(name: str, fn: Callable, args: tuple, *, flops_fn: Callable | None =
   peak, temp = memory(compiled)
   return Measurement(name, median_time(compiled, *args, warmup=warmup, iters=iters),
                      float(cost(flops_source).get("flops", 0.0)), peak, temp)
+
+
+def compile_fn(fn: Callable, args: tuple):
+  """`fn` compiled for `args`: a jitted function keeps its explicit shardings, a plain one is
+  jitted, an already compiled one is returned as it is."""
+  if hasattr(fn, "cost_analysis"):
+    return fn
+  return (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args).compile()
+
+
+def measure_alternated(entries: list[tuple[str, Callable, tuple, Callable | None]], *,
+                       rounds: int, iters: int = 20, warmup: int = 2) -> list[Measurement]:
+  """Like `measure` for each (name, fn, args, flops_fn) entry, the entries timed in turn for
+  `rounds` rounds of `iters` calls (medians over all rounds): comparisons within one run on a
+  shared machine, where load drifts between measurements."""
+  compiled = []
+  for name, fn, args, flops_fn in entries:
+    c = compile_fn(fn, args)
+    f = compile_fn(flops_fn, args) if flops_fn else c
+    for _ in range(warmup):
+      jax.block_until_ready(c(*args))
+    compiled.append((c, f))
+  times: list[list[float]] = [[] for _ in entries]
+  for _ in range(rounds):
+    for k, (name, _, args, _) in enumerate(entries):
+      for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled[k][0](*args))
+        times[k].append(time.perf_counter() - start)
+  return [Measurement(e[0], statistics.median(t), float(cost(f).get("flops", 0.0)), *memory(c))
+          for e, t, (c, f) in zip(entries, times, compiled)]
+
+
+def op_profile(fn: Callable, args: tuple, *, iters: int = 3, top: int = 15) -> str:
+  """Where a compiled function's time goes: the JAX profiler's trace of `iters` calls, each
+  XLA:CPU thunk's time summed by HLO op kind (convolution, dot, fusion kinds, copy, ...) and by
+  instruction, as shares of the summed per-op time (a fusion is named by its heaviest op)."""
+  compiled = compile_fn(fn, args)
+  kinds = _instruction_kinds(compiled.as_text())
+  jax.block_until_ready(compiled(*args))
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      start = time.perf_counter()
+      for _ in range(iters):
+        jax.block_until_ready(compiled(*args))
+      wall = time.perf_counter() - start
+    path = glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True)[0]
+    events = json.load(gzip.open(path))["traceEvents"]
+  by_op: dict[str, float] = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in kinds:
+      by_op[e["name"]] = by_op.get(e["name"], 0.0) + e["dur"] * 1e-6
+  by_kind: dict[str, float] = {}
+  for name, t in by_op.items():
+    by_kind[kinds[name]] = by_kind.get(kinds[name], 0.0) + t
+  if not by_op:
+    return ("op profile: the trace has no per-op events (this backend's runtime records none; "
+            "on XLA:CPU try XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true)")
+  ops_total = sum(by_op.values())
+  lines = [f"op profile: {iters} calls, {wall / iters * 1e3:.1f} ms/call wall, per-op events sum "
+           f"to {ops_total / iters * 1e3:.1f} ms/call (2 threads may overlap ops)",
+           f"{'op kind':56s} {'ms/call':>9s} {'share':>7s}"]
+  for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+    lines.append(f"{kind:56s} {t / iters * 1e3:9.1f} {100 * t / ops_total:6.1f}%")
+  lines.append(f"{'top instructions (kind)':56s} {'ms/call':>9s} {'share':>7s}")
+  for name, t in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]:
+    lines.append(f"{name[:30]:30s} {kinds[name][:25]:25s} {t / iters * 1e3:9.1f} "
+                 f"{100 * t / ops_total:6.1f}%")
+  return "\n".join(lines)
+
+
+_HEAVY = ("convolution", "dot", "custom-call", "reduce-window", "reduce", "scatter", "gather",
+          "sort", "transpose", "copy", "dynamic-update-slice", "concatenate")
+
+
+def _instruction_kinds(hlo: str) -> dict[str, str]:
+  """Instruction name -> op kind, from a compiled module's text; a fusion is named after the
+  heaviest op it contains (`_HEAVY` order) and, for XNNPACK/YNNPACK/oneDNN fusions, its library."""
+  computations: dict[str, list[tuple[str, str, str]]] = {}
+  current = None
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+    if head and line.rstrip().endswith("{"):
+      current = computations.setdefault(head.group(1), [])
+      continue
+    op = re.match(r"^\s*(?:ROOT )?%(\S+) = .*? ([a-z][a-z0-9-]*)\(", line)
+    if op and current is not None:
+      current.append((op.group(1), op.group(2), line))
+  kinds = {}
+  for instructions in computations.values():
+    for name, opcode, line in instructions:
+      if opcode == "fusion":
+        called = re.search(r"calls=%([^,\s]+)", line)
+        inner = {o for _, o, _ in computations.get(called.group(1) if called else "", [])}
+        heavy = next((h for h in _HEAVY if h in inner), "elementwise")
+        library = re.search(r'"kind":"__(\w+?)_fusion"', line)
+        opcode = f"fusion: {heavy}" + (f" ({library.group(1)})" if library else "")
+      kinds[name] = opcode
+  return kinds
 
 
 def matmul_baseline(n: int = 2048, iters: int = 20, warmup: int = 2) -> Measurement:

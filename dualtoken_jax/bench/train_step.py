@@ -66,21 +66,37 @@ def run(argv: list[str]) -> str:
                  help="skip compiling the loop-free variant (FLOPs then count a loop body once)")
   p.add_argument("--devices", type=int, default=0,
                  help="shard the step over the first N devices (default 0: all of them)")
+  p.add_argument("--conv_impls", default="",
+                 help="comma-separated model.conv_impl values timed side by side, alternated "
+                      "round by round (default: the config's)")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="alternation rounds of --iters calls per variant (medians over all)")
+  p.add_argument("--profile", action="store_true",
+                 help="also print where each step's time goes by HLO op kind (JAX profiler)")
   a = p.parse_args(argv)
   mesh = sharding.make_mesh({"fsdp": -1}, jax.devices()[:a.devices] if a.devices else None)
-  rows = []
+  entries, profiles = [], []
   for spec in a.config or ["configs/demo_cpu.py", "dualtoken_b16"]:
     config = training_config(spec, a.batch)
     size = config.model.image_size
     images = jax.random.uniform(jax.random.key(1), (a.batch, size, size, 3), minval=-1, maxval=1)
-    for extras in {"both": (False, True), "off": (False,), "on": (True,)}[a.lpips_gan]:
-      step, layout, batch, modules = build(config, extras, mesh)
-      shardings = layout.shardings
-      state = modules.create(mesh, shardings)
-      counted = None if a.no_flop_count else build(loop_free(config), extras, mesh)[0]
-      jit = lambda f: jax.jit(f, in_shardings=(shardings, batch), out_shardings=(shardings, None))
-      name = f"train {spec.split('/')[-1]} B={a.batch} {'+LPIPS+GAN' if extras else 'no LPIPS/GAN'}"
-      rows.append(timing.measure(name, jit(step), (state, jax.device_put(images, batch)),
-                                 flops_fn=counted and jit(counted), iters=a.iters,
-                                 warmup=a.warmup))
-  return timing.table(rows, timing.matmul_baseline(iters=a.iters, warmup=a.warmup))
+    for impl in a.conv_impls.split(",") if a.conv_impls else [None]:
+      if impl is not None:
+        config.model.conv_impl = impl
+      conv = f" conv={impl}" if impl else ""
+      for extras in {"both": (False, True), "off": (False,), "on": (True,)}[a.lpips_gan]:
+        step, layout, batch, modules = build(config, extras, mesh)
+        shardings = layout.shardings
+        state = modules.create(mesh, shardings)
+        counted = None if a.no_flop_count else build(loop_free(config), extras, mesh)[0]
+        jit = lambda f: jax.jit(f, in_shardings=(shardings, batch), out_shardings=(shardings, None))
+        name = (f"train {spec.split('/')[-1]} B={a.batch} "
+                f"{'+LPIPS+GAN' if extras else 'no LPIPS/GAN'}{conv}")
+        args = (state, jax.device_put(images, batch))
+        compiled = timing.compile_fn(jit(step), args)  # once, for the timing and the profile
+        entries.append((name, compiled, args, counted and jit(counted)))
+        if a.profile:
+          profiles.append(f"{name}\n{timing.op_profile(compiled, args)}")
+  rows = timing.measure_alternated(entries, rounds=a.rounds, iters=a.iters, warmup=a.warmup)
+  return "\n\n".join([timing.table(rows, timing.matmul_baseline(iters=a.iters, warmup=a.warmup)),
+                      *profiles])

@@ -87,7 +87,8 @@ def load_saved(path: str | os.PathLike):
     raise FileNotFoundError(f"{path} is not a saved DualTokenizer (expected config.json and state/)")
   tensor_files.verify_checksums(path)
   config = model_config.from_dict(json.loads((path / _CONFIG).read_text()))
-  variables = ocp.StandardCheckpointer().restore(path / _STATE, abstract_variables(config))
+  variables = ocp.StandardCheckpointer().restore(path / _STATE,
+                                                 _on_local_device(abstract_variables(config)))
   tensor_files.check_finite(variables, f"saved DualTokenizer {path}")
   return config, layout.to_host(variables)
 
@@ -98,12 +99,17 @@ def load_training_run(path: str | os.PathLike):
   step_dir, config = checkpoints.read_run(path, "tokenizer")
   # merged over today's defaults first: a run saved before a model field existed still loads
   model = model_config.from_dict(ml_collections.ConfigDict(config).model)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          abstract_variables(model))
+  abstract = _on_local_device(abstract_variables(model))
   variables = checkpoints.restore_subtrees(step_dir, {
       "params": abstract["params"], "vq_stats": abstract["vq_stats"]})
   return model, layout.to_host(variables)
+
+
+def _on_local_device(abstract):
+  """Restore targets on this process's first device: the saved sharding (or `jax.devices()[0]`)
+  may belong to another process of a multi-process job; the loaders return numpy anyway."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
 
 
 def load(path: str | os.PathLike):

@@ -14,6 +14,17 @@ read from the sidecars, are the inputs to skip), or clears it with `overwrite`; 
 `shard_files(dir)` refuse a directory whose shards disagree with its manifest (an extra,
 missing, empty, resized or unreadable shard), naming the file. Reading needs no sidecars;
 resuming refuses a missing or altered one, naming it.
+
+Several writers (the hosts of a multi-process `tokenize`) share one directory: writer `host=h`
+names its shards `{prefix}-h{h:05d}-{index:05d}.array_record` and lists them in its own manifest
+part `manifest-h{h:05d}.json` (a single writer keeps `{prefix}-{index}` and `manifest.json`);
+readers take the union of every part. One part per host, merged by readers, rather than process
+0 merging one manifest after a barrier: a host never writes another's file (no clobbering, no
+lock), a completed shard is durable the moment its host lists it even if another host is
+killed (process 0 would need every host alive to merge), and tokenising needs no collective at
+all. A writer's `done_keys` are the keys of every part (unless `overwrite`), so a re-run with
+any process count skips what any host finished; each writer only touches its own files, except
+that process 0 (`clean_others`) also clears what writers outside the current job left behind.
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ from dualtoken_jax.bridges.tensor_files import atomic_target
 from dualtoken_jax.bridges.tensor_files import write_npz as _write_arrays
 
 MANIFEST = "manifest.json"
+_PART = "manifest-h{:05d}.json"  # a host's manifest part
+_HOST_SHARD = re.compile(r"-h\d{5}-\d+\.array_record$")
 _FORMAT = "dualtoken_jax code shards"
 _VERSION = 2
 _SUFFIX, _TMP, _KEYS = ".array_record", ".array_record.tmp", ".array_record.keys.json"
@@ -57,32 +70,53 @@ class ShardWriter:
   after them (a shard size may differ from the earlier run's), and writing a key twice raises.
   `overwrite=True` first removes every shard, temporary shard and the manifest.
 
+  With `host=h` (one of `hosts` writers sharing the directory, see the module docstring) the
+  shards are `{prefix}-h{h:05d}-…` listed in `manifest-h{h:05d}.json`; `done_keys` holds every
+  part's keys; `overwrite` and the clean-up of an interrupted run touch only this writer's files,
+  plus, with `clean_others` (host 0), those of writers outside the job (the single writer, hosts
+  >= `hosts`).
+
   Raises (on opening): ShardDirectoryError for shards without a manifest, or shards that
   disagree with it (use `overwrite`).
   """
 
   def __init__(self, directory: str | os.PathLike, shard_size: int = 10000, prefix: str = "codes",
-               overwrite: bool = False):
+               overwrite: bool = False, host: int | None = None, clean_others: bool = True,
+               hosts: int = 1):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
     if shard_size <= 0:
       raise ValueError(f"shard_size must be positive, got {shard_size}")
     self._module = array_record_module
     self._dir = Path(directory)
     self._dir.mkdir(parents=True, exist_ok=True)
-    self._shard_size, self._prefix = shard_size, prefix
+    self._shard_size = shard_size
+    self._prefix = prefix if host is None else f"{prefix}-h{host:05d}"
+    self._manifest = MANIFEST if host is None else _PART.format(host)
     self._writer = self._target = self._tmp = None
     self._keys: list[str] = []
-    # An interrupted run's unfinished shard, sidecar or manifest.
-    for stale in [*self._dir.glob("*" + _TMP), *self._dir.glob("*" + _KEYS + ".tmp"),
-                  self._dir / (MANIFEST + ".tmp")]:
-      stale.unlink(missing_ok=True)
-    if overwrite:
-      for old in [*self._dir.glob("*" + _SUFFIX), *self._dir.glob("*" + _KEYS),
-                  self._dir / MANIFEST]:
-        old.unlink(missing_ok=True)
-    self._shards = _resumable_shards(self._dir, prefix)
+    mine = [(self._prefix, self._manifest)]
+    others = []
+    if host is None or clean_others:  # writers that are not running now
+      others = [w for w in _writers(self._dir, prefix)
+                if w != mine[0] and (host is None or w[1] == MANIFEST
+                                     or int(w[1][len("manifest-h"):-len(".json")]) >= hosts)]
+    for writer_prefix, manifest in mine + others:
+      # An interrupted run's unfinished shard, sidecar or manifest.
+      for stale in [*_own(self._dir, writer_prefix, (_TMP, _KEYS + ".tmp")),
+                    self._dir / (manifest + ".tmp")]:
+        stale.unlink(missing_ok=True)
+      if overwrite:
+        for old in [*_own(self._dir, writer_prefix, (_SUFFIX, _KEYS)), self._dir / manifest]:
+          old.unlink(missing_ok=True)
+      elif (writer_prefix, manifest) != mine[0]:
+        _resumable_shards(self._dir, writer_prefix, manifest)  # drops its unlisted shards
+    self._shards = _resumable_shards(self._dir, self._prefix, self._manifest)
     self.done_keys = _done_keys(self._dir, self._shards)
-    self._shard = 1 + max((_index(e["file"], prefix) for e in self._shards), default=-1)
+    if not overwrite:  # what the other writers (hosts) completed is done too
+      for part in _parts(self._dir):
+        if part != self._manifest:
+          self.done_keys |= _done_keys(self._dir, _read_part(self._dir / part), self.done_keys)
+    self._shard = 1 + max((_index(e["file"], self._prefix) for e in self._shards), default=-1)
     self.paths: list[Path] = []  # the shards written by this writer
 
   def write(self, key: str, pixel: np.ndarray, semantic: np.ndarray) -> None:
@@ -115,7 +149,7 @@ class ShardWriter:
     self._shards.append({"file": path.name, "records": len(self._keys),
                          "bytes": path.stat().st_size,
                          "keys_sha256": hashlib.sha256(keys).hexdigest()})
-    _write_manifest(self._dir, self._shards)  # O(shards) bytes, not O(keys)
+    _write_manifest(self._dir, self._shards, self._manifest)  # O(shards) bytes, not O(keys)
     self._writer, self._target, self._keys = None, None, []
 
   def close(self):
@@ -139,19 +173,49 @@ def _index(name: str, prefix: str) -> int:
   return int(m.group(1)) if m else -1
 
 
+def _own(directory: Path, prefix: str, suffixes) -> list[Path]:
+  """The files `{prefix}-{index}{suffix}` of `directory` (not those of a longer prefix)."""
+  pattern = re.compile(re.escape(prefix) + r"-\d+(?:" + "|".join(map(re.escape, suffixes)) + ")")
+  return sorted(p for p in directory.glob(prefix + "-*") if pattern.fullmatch(p.name))
+
+
+def _writers(directory: Path, prefix: str) -> list[tuple[str, str]]:
+  """(shard prefix, manifest name) of every writer with a file in `directory`."""
+  found = set()
+  for p in directory.glob(prefix + "-*"):
+    m = re.fullmatch(re.escape(prefix) + r"(-h(\d+))?-\d+\..*", p.name)
+    if m:
+      found.add((prefix + (m.group(1) or ""),
+                 _PART.format(int(m.group(2))) if m.group(1) else MANIFEST))
+  for part in _parts(directory):
+    found.add((prefix if part == MANIFEST else f"{prefix}-h{part[len('manifest-h'):-5]}", part))
+  return sorted(found)
+
+
+def _parts(directory: Path) -> list[str]:
+  """The manifest parts of `directory`: `manifest.json` (a single writer) and one per host."""
+  return sorted(p.name for p in directory.glob("manifest*.json")
+                if p.name == MANIFEST or re.fullmatch(r"manifest-h\d{5}\.json", p.name))
+
+
 def _sidecar(shard: Path) -> Path:
   return shard.with_name(shard.name[:-len(_SUFFIX)] + _KEYS)
 
 
-def _write_manifest(directory: Path, shards: list[dict]) -> None:
-  with atomic_target(directory / MANIFEST) as tmp:
+def _write_manifest(directory: Path, shards: list[dict], name: str = MANIFEST) -> None:
+  with atomic_target(directory / name) as tmp:
     tmp.write_text(json.dumps({"format": _FORMAT, "version": _VERSION, "shards": shards}))
 
 
 def _read_manifest(directory: Path) -> list[dict] | None:
-  path = directory / MANIFEST
-  if not path.is_file():
+  """The shards of every manifest part, in part order (None: the directory has no part)."""
+  parts = _parts(directory)
+  if not parts:
     return None
+  return [e for part in parts for e in _read_part(directory / part)]
+
+
+def _read_part(path: Path) -> list[dict]:
   try:
     manifest = json.loads(path.read_text())
     if manifest.get("format") != _FORMAT:
@@ -165,35 +229,43 @@ def _read_manifest(directory: Path) -> list[dict] | None:
     raise ShardDirectoryError(f"{path}: not a code-shard manifest ({e})") from e
 
 
-def _resumable_shards(directory: Path, prefix: str) -> list[dict]:
-  """The manifest's complete shards, after removing the shard an interrupted run renamed but
-  did not list yet (numbered after every listed one); anything else unlisted is refused."""
-  shards = _read_manifest(directory)
-  if shards is None:
-    found = sorted(p.name for p in directory.glob("*" + _SUFFIX))
-    if found:
-      raise ShardDirectoryError(
-          f"{directory} holds {len(found)} shard(s) ({found[0]}, ...) but no {MANIFEST}: written "
-          "by an older version or by something else; pass --overwrite (overwrite=True) to clear "
-          "it, or use another directory")
+def _resumable_shards(directory: Path, prefix: str, manifest: str = MANIFEST) -> list[dict]:
+  """One writer's complete shards (those its manifest part lists), after removing the shards an
+  interrupted run renamed but did not list yet (numbered after every listed one, or all of them
+  before its first listing); anything else of this writer unlisted is refused, and so is a
+  directory of shards without any manifest (an older version's, or something else's)."""
+  path = directory / manifest
+  if not path.is_file():
+    if not _parts(directory):
+      found = sorted(p.name for p in directory.glob("*" + _SUFFIX)
+                     if not _HOST_SHARD.search(p.name))  # a host's first, not listed yet
+      if found:
+        raise ShardDirectoryError(
+            f"{directory} holds {len(found)} shard(s) ({found[0]}, ...) but no {MANIFEST}: "
+            "written by an older version or by something else; pass --overwrite "
+            "(overwrite=True) to clear it, or use another directory")
+    for p in _own(directory, prefix, (_SUFFIX, _KEYS)):  # renamed before its first listing
+      p.unlink()
     return []
+  shards = _read_part(path)
   after = 1 + max((_index(e["file"], prefix) for e in shards), default=-1)
   listed = {e["file"] for e in shards}
   listed |= {_sidecar(Path(f)).name for f in listed}
   hint = "; pass --overwrite (overwrite=True) to start over"
-  for path in sorted([*directory.glob("*" + _SUFFIX), *directory.glob("*" + _KEYS)]):
+  for path in _own(directory, prefix, (_SUFFIX, _KEYS)):
     if path.name not in listed:
       if _index(path.name, prefix) < after:
-        raise ShardDirectoryError(f"{path} is not listed in {directory / MANIFEST} (left by an "
+        raise ShardDirectoryError(f"{path} is not listed in {directory / manifest} (left by an "
                                   f"interrupted or another run){hint}")
       path.unlink()
-  _check_shards(directory, shards, hint=hint)
+  _check_shards(directory, shards, hint=hint, only=prefix)
   return shards
 
 
-def _done_keys(directory: Path, shards: list[dict]) -> set[str]:
+def _done_keys(directory: Path, shards: list[dict], earlier: set[str] = frozenset()) -> set[str]:
   """The keys of the complete `shards`, from their sidecars (each checked against the
-  manifest's sha256 and record count); raises naming a missing or altered sidecar."""
+  manifest's sha256 and record count, and to be disjoint from `earlier`); raises naming a
+  missing or altered sidecar."""
   hint = "; pass --overwrite (overwrite=True) to start over"
   done: set[str] = set()
   for entry in shards:
@@ -207,18 +279,21 @@ def _done_keys(directory: Path, shards: list[dict]) -> set[str]:
       raise ShardDirectoryError(f"{path}: its sha256 differs from {MANIFEST} (corrupted or "
                                 f"rewritten){hint}")
     keys = json.loads(data)
-    if len(keys) != entry["records"] or not done.isdisjoint(keys):
+    if len(keys) != entry["records"] or not done.isdisjoint(keys) or not earlier.isdisjoint(keys):
       raise ShardDirectoryError(f"{path}: {len(keys)} keys for {entry['records']} records, or "
                                 f"keys already in an earlier shard{hint}")
     done.update(keys)
   return done
 
 
-def _check_shards(directory: Path, shards: list[dict], hint: str = "") -> list[str]:
+def _check_shards(directory: Path, shards: list[dict], hint: str = "",
+                  only: str | None = None) -> list[str]:
   """The shard files of `directory`, in manifest order, after checking that they are exactly
-  the manifest's shards, each with its size and record count."""
+  the manifest's shards (with `only`, those of the writer with that prefix), each with its size
+  and record count."""
   listed = [e["file"] for e in shards]
-  extra = sorted({p.name for p in directory.glob("*" + _SUFFIX)} - set(listed))
+  found = (directory.glob("*" + _SUFFIX) if only is None else _own(directory, only, (_SUFFIX,)))
+  extra = sorted({p.name for p in found} - set(listed))
   if extra:
     raise ShardDirectoryError(f"{directory / extra[0]} is not listed in {directory / MANIFEST} "
                               f"({len(extra)} unlisted shard(s): left by an interrupted or "

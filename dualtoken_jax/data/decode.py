@@ -127,6 +127,18 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
   return _load_rgb(img, max_pixels=max_pixels, alpha=alpha)
 
 
+def pil_to_rgb(img: Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               alpha: str = "white") -> Image.Image:
+  """An image another library already opened (e.g. a `datasets` row) as fully loaded 8-bit
+  RGB, with the same size limit and mode rules as `decode_image`.
+
+  Raises:
+    SkipImage: "too_large" or "decode_error" as in `decode_image`.
+  """
+  _check_alpha(alpha)
+  return _load_rgb(img, max_pixels=max_pixels, alpha=alpha)
+
+
 def array_to_rgb(array: np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  alpha: str = "white") -> Image.Image:
   """An already decoded HW / HWC (C in 1, 2, 3, 4) array as an 8-bit RGB image.

@@ -124,6 +124,7 @@ def evaluate(tokenizer, data_spec_or_source: str | data_spec.EvalSource, workdir
   # ---------------------------------------------------------------- resume
   fingerprint = _fingerprint(tokenizer, tokenizer_id, src, options, ctx.class_names)
   position = state.common_position(state.saved_positions(workdir, process))
+  state.discard_after(workdir, process, position)  # a host that got further than the others
   acc = (state.load(workdir, process, position, fingerprint) if position is not None
          else _fresh(tokenizer.config, options, ctx.spec.recon))
   host_batch = data.host_batch_size(options.batch_size, ctx.mesh)

@@ -7,8 +7,10 @@ Layout under `WORKDIR/eval_state/`, one set per JAX process p:
                                  SSIM, labels, top-k ids, embeddings)
   p{p}/{position}/               an Orbax checkpoint (`ocp.CheckpointManager`, this process
                                  only) of everything else after `position` batches:
-      arrays/                    the accumulators as a pytree: FID sufficient statistics
-                                 (float64), code histograms (int64), the worst/best images
+      arrays/arrays.npz          the accumulators as a flattened pytree (`HostArraysHandler`,
+                                 written by whichever process owns the checkpoint): FID
+                                 sufficient statistics (float64), code histograms (int64),
+                                 the worst/best images
       data/                      the grain iterator state (JSON)
       meta/                      JSON: the run's fingerprint, skip counts and keys, the
                                  list of row files, the extremes' keys, elapsed time
@@ -124,16 +126,75 @@ def state_dir(workdir: str) -> str:
 
 
 def _manager(workdir: str, process: int) -> ocp.CheckpointManager:
-  """This process's own checkpoints (no cross-process barriers: hosts save independently)."""
+  """This process's own checkpoints (no cross-process barriers: hosts save independently).
+
+  The JSON handlers get the same single-process options as the manager, and the arrays go
+  through `HostArraysHandler`: Orbax's default handlers write only on process 0 (its numpy
+  handler checks `process_index() == 0` whatever the options), so every other process would
+  commit empty checkpoints (seen in a real 2-process run: p1's `meta/` and `arrays/` held no
+  data and its resume failed)."""
   directory = os.path.join(os.path.abspath(state_dir(workdir)), f"p{process}")
   os.makedirs(directory, exist_ok=True)  # Orbax will not create it for a process subset.
+  only_me = ocp.options.MultiprocessingOptions(
+      primary_host=process, active_processes={process},
+      barrier_sync_key_prefix=f"eval_p{process}")
   options = ocp.CheckpointManagerOptions(
       max_to_keep=KEEP_STATES, create=False, enable_async_checkpointing=False,
-      cleanup_tmp_directories=True,
-      multiprocessing_options=ocp.options.MultiprocessingOptions(
-          primary_host=process, active_processes={process},
-          barrier_sync_key_prefix=f"eval_p{process}"))
-  return ocp.CheckpointManager(directory, item_names=_ITEMS, options=options)
+      cleanup_tmp_directories=True, multiprocessing_options=only_me)
+  handlers = {"arrays": HostArraysHandler(),
+              "data": ocp.JsonCheckpointHandler(multiprocessing_options=only_me),
+              "meta": ocp.JsonCheckpointHandler(multiprocessing_options=only_me)}
+  assert set(handlers) == set(_ITEMS)
+  return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
+
+
+class HostArraysHandler(ocp.CheckpointHandler):
+  """One process's numpy pytree as `arrays.npz` in the checkpoint's item directory (dtypes
+  kept: the float64 FID statistics stay exact). Orbax's temporary directory and commit make
+  the checkpoint atomic as for its own handlers."""
+  _FILE = "arrays.npz"
+
+  def save(self, directory, args: "HostArraysSave") -> None:
+    flat = {}
+
+    def walk(node, prefix):
+      for k, v in node.items():
+        if isinstance(v, dict):
+          walk(v, f"{prefix}{k}/")
+        elif v is not None:
+          flat[prefix + k] = np.asarray(v)
+    walk(args.item, "")
+    with open(os.path.join(os.fspath(directory), self._FILE), "wb") as f:
+      np.savez(f, **flat)
+
+  def restore(self, directory, args: "HostArraysRestore | None" = None) -> dict[str, Any]:
+    del args
+    path = os.path.join(os.fspath(directory), self._FILE)
+    if not os.path.isfile(path):  # Orbax's own array layout, before this handler
+      raise FingerprintMismatch(
+          f"{directory} has no {self._FILE}: an evaluation state written by an older version. "
+          "Use a new --workdir, or delete its eval_state/ to start over.")
+    tree: dict[str, Any] = {}
+    with np.load(path, allow_pickle=False) as f:
+      for name in f.files:
+        *parents, leaf = name.split("/")
+        node = tree
+        for p in parents:
+          node = node.setdefault(p, {})
+        node[leaf] = f[name]
+    return tree
+
+
+@ocp.args.register_with_handler(HostArraysHandler, for_save=True)
+@dataclasses.dataclass
+class HostArraysSave(ocp.args.CheckpointArgs):
+  item: dict[str, Any]
+
+
+@ocp.args.register_with_handler(HostArraysHandler, for_restore=True)
+@dataclasses.dataclass
+class HostArraysRestore(ocp.args.CheckpointArgs):
+  pass
 
 
 def _arrays(acc: Accumulators) -> dict[str, Any]:
@@ -172,7 +233,7 @@ def save(acc: Accumulators, workdir: str, process: int, fingerprint: dict) -> No
   items = {"data": ocp.args.JsonSave({"iterator_state": acc.iterator_state})}
   tree = _arrays(acc)
   if tree:  # Orbax refuses an empty pytree (e.g. zero-shot accuracy only).
-    items["arrays"] = ocp.args.StandardSave(tree)
+    items["arrays"] = HostArraysSave(tree)
   meta["has_arrays"] = bool(tree)
   with _manager(workdir, process) as manager:
     manager.save(acc.position, force=True,
@@ -187,12 +248,24 @@ def saved_positions(workdir: str, process: int) -> list[int]:
     return sorted(manager.all_steps())
 
 
+def discard_after(workdir: str, process: int, position: int | None) -> list[int]:
+  """Deletes this process's checkpoints newer than `position` (None: all of them), which the
+  other processes did not reach; resuming from `position` saves those positions anew (Orbax
+  refuses to overwrite a step). Returns the deleted positions."""
+  newer = [p for p in saved_positions(workdir, process) if position is None or p > position]
+  if newer:
+    with _manager(workdir, process) as manager:
+      for p in newer:
+        manager.delete(p)
+  return newer
+
+
 def load(workdir: str, process: int, position: int, fingerprint: dict) -> Accumulators:
   """The state saved after `position` batches; raises `FingerprintMismatch` if the run differs."""
   with _manager(workdir, process) as manager:
     meta = manager.restore(position, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     check_fingerprint(meta["fingerprint"], fingerprint, workdir)
-    items = {"arrays": ocp.args.StandardRestore()} if meta["has_arrays"] else {}
+    items = {"arrays": HostArraysRestore()} if meta["has_arrays"] else {}
     restored = manager.restore(position, args=ocp.args.Composite(
         data=ocp.args.JsonRestore(), **items))
   arrays = restored.get("arrays") or {}

@@ -247,3 +247,27 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
 def fid_from_stats(a: GaussianStats, b: GaussianStats, eps: float = 1e-6) -> float:
   """`frechet_distance` between two accumulators' Gaussians."""
   return frechet_distance(*a.mu_sigma(), *b.mu_sigma(), eps=eps)
+
+
+def fid_from_features(x1, x2, eps: float = 1e-6) -> float:
+  """FID between two (N, d) feature sets. With at least d + 1 vectors on each side this is
+  `frechet_distance` of their statistics. With fewer (a covariance of rank < d: small
+  benchmark slices, tests), the distance is computed exactly in the N1 x N2 space instead of
+  with a d x d matrix square root: writing Σ1 = A Aᵀ and Σ2 = B Bᵀ (A = centred x1ᵀ / √(N1 − 1),
+  d x N1), the non-zero eigenvalues of Σ1 Σ2 are those of (AᵀB)(AᵀB)ᵀ, so
+  tr((Σ1 Σ2)^{1/2}) = ‖AᵀB‖_* (the sum of AᵀB's singular values), tr Σ1 = ‖A‖²_F. (pytorch-fid
+  would add ε·I to both covariances there, which moves the value by O(√ε) per direction.)"""
+  x1, x2 = _as_features(x1), _as_features(x2)
+  if x1.shape[1] != x2.shape[1]:
+    raise ValueError(f"features have dimensions {x1.shape[1]} and {x2.shape[1]}")
+  n1, n2, d = x1.shape[0], x2.shape[0], x1.shape[1]
+  if n1 < 2 or n2 < 2:
+    raise ValueError(f"FID needs at least 2 feature vectors per side, got {n1} and {n2}")
+  if min(n1, n2) > d:
+    return fid_from_stats(GaussianStats.from_features(x1), GaussianStats.from_features(x2), eps)
+  mu1, mu2 = x1.mean(axis=0), x2.mean(axis=0)
+  a = (x1 - mu1) / np.sqrt(n1 - 1)  # Σ1 = aᵀ a
+  b = (x2 - mu2) / np.sqrt(n2 - 1)
+  nuclear = float(np.sum(np.linalg.svd(a @ b.T, compute_uv=False)))
+  diff = mu1 - mu2
+  return float(diff @ diff + np.sum(a * a) + np.sum(b * b) - 2 * nuclear)

@@ -252,25 +252,54 @@ class UnifiedModel:
     same images."""
     if n < 1:
       raise ValueError(f"n must be >= 1, got {n}")
+    return self.generate_images_batch([caption] * n, cfg_scale=cfg_scale,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      seed=seed)
+
+  def generate_images_batch(self, captions: Sequence[str], *, cfg_scale: float | None = 3.0,
+                            temperature: float = 1.0, top_k: int | None = 900,
+                            top_p: float | None = 0.96, seed: int = 0,
+                            stream: int | None = None, batch_size: int | None = None,
+                            length_bucket: int | None = None, mesh=None
+                            ) -> dict[str, np.ndarray]:
+    """One image per caption (several captions in one `generation.sample_codes` call, the
+    machinery of `generate_images`, which is this with `[caption] * n`). The rows are padded
+    to `batch_size` (copies of the first caption) and the prompts to a multiple of
+    `length_bucket` tokens, so equal shapes reuse one compilation; with a `mesh` the 2B rows
+    ([conditional; unconditional]) are split over its data axes. The PRNG key is
+    `key(seed)`, or `fold_in(key(seed), stream)` when `stream` is given (benchmarks: one
+    stream per fixed batch, so a resumed run draws the same images). Returns the first
+    len(captions) rows of {"images", "codes_pixel", "codes_semantic"} as `generate_images`."""
+    captions = list(captions)
+    if not captions:
+      raise ValueError("generate_images_batch needs at least one caption")
     temperature, top_k, top_p = sampling.check_options(temperature, top_k, top_p)
     guided = cfg_scale is not None
-    prompts = [caption] * n + ([""] * n if guided else [])
+    n = len(captions)
+    captions = captions + [captions[0]] * (max(n, batch_size or n) - n)
+    prompts = captions + ([""] * len(captions) if guided else [])
     built = [sequence.build_generation_prompt(self.vocab, self.layout, c) for c in prompts]
     length = max(len(p["tokens"]) for p in built)
+    if length_bucket:
+      length = -(-length // length_bucket) * length_bucket
     tokens = np.full((len(built), length), self.vocab.pad_id, np.int32)
     mask = np.zeros((len(built), length), bool)
     mask_ar = np.ones((len(built), length), np.int32)
     for i, p in enumerate(built):
       k = len(p["tokens"])
       tokens[i, :k], mask[i, :k], mask_ar[i, :k] = p["tokens"], True, p["mask_ar"]
+    batch = _shard_batch({"tokens": tokens, "mask": mask, "mask_ar": mask_ar}, mesh)
+    rng = jax.random.key(seed)
+    if stream is not None:
+      rng = jax.random.fold_in(rng, stream)
     pix, sem = generation.sample_codes(
         self.model, self.decoder, self.tokenizer, self.params, self.tokenizer_variables,
-        jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(mask_ar), jax.random.key(seed),
+        batch["tokens"], batch["mask"], batch["mask_ar"], rng,
         guided=guided, cfg_scale=jnp.float32(cfg_scale or 1.0),
         temperature=jnp.float32(temperature), top_k=jnp.int32(top_k), top_p=jnp.float32(top_p))
     images = generation.decode_pixels(self.tokenizer, self.tokenizer_variables, pix)
-    return {"images": np.asarray(images), "codes_pixel": np.asarray(pix),
-            "codes_semantic": np.asarray(sem)}
+    return {"images": np.asarray(images)[:n], "codes_pixel": np.asarray(pix)[:n],
+            "codes_semantic": np.asarray(sem)[:n]}
 
   def _image(self, image) -> np.ndarray:
     size = self.config.model.tokenizer.image_size

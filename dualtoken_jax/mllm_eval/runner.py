@@ -60,14 +60,14 @@ def read_predictions(path: Path) -> dict[str, dict]:
   return done
 
 
-def _check_settings(workdir: Path, settings: dict) -> None:
+def check_settings(workdir: Path, settings: dict) -> None:
   path = workdir / SETTINGS
   if path.is_file():
     old = json.loads(path.read_text())
     diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
     if diff:
       raise ValueError(f"{workdir} holds a run with other settings ({diff}: was, now); use a "
-                       "new --workdir or delete its predictions.jsonl")
+                       "new --workdir or delete what it holds (predictions, images, run.json)")
   else:
     path.write_text(json.dumps(settings, indent=1))
 
@@ -116,7 +116,7 @@ def evaluate(model, task: str, data: str | Path, workdir: str | Path, *,
   items = read.items[:limit] if limit else read.items
   if len({it.qid for it in items}) != len(items):
     raise ValueError(f"{data}: question ids are not unique")
-  _check_settings(workdir, {"task": task, "data": str(Path(data).resolve()), "style": style,
+  check_settings(workdir, {"task": task, "data": str(Path(data).resolve()), "style": style,
                             "mode": mode, "max_new_tokens": max_new_tokens,
                             "checkpoint": str(checkpoint)})
   path = workdir / PREDICTIONS

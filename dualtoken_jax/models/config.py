@@ -13,6 +13,7 @@ import math
 import ml_collections
 
 from dualtoken_jax import config_files
+from dualtoken_jax.models.conv import IMPLS as CONV_IMPLS
 from dualtoken_jax.quantization.pallas_nearest import IMPLS as NEAREST_CODE_IMPLS
 
 # SigLIP vision widths (big_vision `vit.decode_variant`): width, depth, mlp_dim, heads.
@@ -103,6 +104,10 @@ def tokenizer_config(*, vision, image_size, layer_recon, layer_sem, layer_shortc
       # or "pallas". The kernel is tested in the Pallas interpreter only: it becomes the default
       # once `bench device` has checked it compiled on a real GPU/TPU.
       nearest_code_impl="xla",
+      # How the pixel decoder's convolutions run (`models/conv.py`): "xla" (lax.conv, the fastest
+      # measured on XLA:CPU), "shifted" (a custom_vjp of shifted GEMMs) or "gemm_dw" (XLA forward
+      # and input gradient, kernel gradient as GEMMs). The same numbers and parameters with each.
+      conv_impl="xla",
       # Run the Pallas kernels (attention_impl="pallas_tpu", nearest_code_impl="pallas") in the
       # Pallas interpreter on any backend: the same numbers, very slowly (tests, debugging).
       pallas_interpret=False,
@@ -205,6 +210,8 @@ def validate(config) -> None:
          f"remat_policy {config.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
   _check(config.attention_impl in ATTENTION_IMPLS,
          f"attention_impl must be one of {ATTENTION_IMPLS}, got {config.attention_impl!r}")
+  _check(config.conv_impl in CONV_IMPLS,
+         f"conv_impl must be one of {CONV_IMPLS}, got {config.conv_impl!r}")
   _check(config.nearest_code_impl in NEAREST_CODE_IMPLS,
          f"nearest_code_impl must be one of {NEAREST_CODE_IMPLS}, got {config.nearest_code_impl!r}")
   if config.text is not None:

@@ -85,10 +85,11 @@ class DualToken(nn.Module):
     self.quantizer_pix = _quantizer(pix, c)
     self.quantizer_sem = _quantizer(sem, c)
     d = c.decoder
-    self.post_quant_conv = PostQuantResnetBlock(d.in_channels, dropout=d.dropout, dtype=dtype)
+    self.post_quant_conv = PostQuantResnetBlock(d.in_channels, dropout=d.dropout, dtype=dtype,
+                                                conv_impl=c.conv_impl)
     self.decoder = Decoder(ch=d.ch, ch_mult=d.ch_mult, num_res_blocks=d.num_res_blocks,
                            attn_resolutions=d.attn_resolutions, out_ch=d.out_ch,
-                           dropout=d.dropout, remat=d.remat, dtype=dtype)
+                           dropout=d.dropout, remat=d.remat, dtype=dtype, conv_impl=c.conv_impl)
 
   # ---------------------------------------------------------------- encode
   def encode(self, images, train: bool = False, collect_hidden: bool = False,
